@@ -1,0 +1,562 @@
+"""
+What the EvoQuality stages share: model loading (a real Qwen2.5-VL checkpoint or the built-in `tiny`
+model), the paper's prompts (Table 1), image preprocessing, the hand-written batched KV-cached sampler,
+answer parsing, JSONL / checkpoint I/O and torch.distributed helpers.
+
+    python -c "import common; common.load_model('tiny', 'cpu', 'float32')"
+
+common.py imports no stage; every stage imports it.
+"""
+
+import contextlib
+import json
+import math
+import os
+import re
+import zlib
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageOps
+
+# -----------------------------------------------------------------------------
+# prompts (paper Table 1, verbatim; `<image>` marks where an image goes)
+
+PROMPTS = {
+    "compare": (
+        "<image><image> You are performing an image quality assessment task. Compare the two images and "
+        "decide which one has better perceptual quality. Answer strictly with the index of the better image: "
+        "0 if the first image is better, or 1 if the second image is better."
+    ),
+    "score": (
+        "<image> You are doing the image quality assessment task. Here is the question: What is your overall "
+        "rating on the quality of this picture? The rating should be a float between 1 and 5, rounded to two "
+        "decimal places, with 1 representing very poor quality and 5 representing excellent quality."
+    ),
+    "suffix": (
+        "You FIRST think about the reasoning process as an internal monologue and then provide the final answer. "
+        "The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST BE put in "
+        "boxed{ }."
+    ),
+    "compare_labels": ["0", "1"],  # answer naming the first / the second image
+}
+SYSTEM_PROMPT = "You are a helpful assistant."  # Qwen2.5-VL's chat template default
+
+
+def load_prompts(path=None):
+    """The paper's prompts, with any of the keys of PROMPTS overridden by the JSON file `path` (--prompts)."""
+    prompts = dict(PROMPTS)
+    if path is None:
+        return prompts
+    try:
+        with open(path) as f:
+            override = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read prompts JSON: {e}") from e
+    unknown = set(override) - set(PROMPTS)
+    if unknown:
+        raise ValueError(f"{path}: unknown prompt keys {sorted(unknown)}; expected some of {sorted(PROMPTS)}")
+    labels = override.get("compare_labels", prompts["compare_labels"])
+    if not (isinstance(labels, list) and len(labels) == 2 and all(isinstance(s, str) and s for s in labels)
+            and labels[0] != labels[1]):
+        raise ValueError(f"{path}: compare_labels must be two different non-empty strings, got {labels!r}")
+    prompts.update(override)
+    return prompts
+
+
+def prompt_text(prompts, task, think=True):
+    """The user text of `task` ('compare' or 'score'), with the reasoning suffix when `think`."""
+    return prompts[task] + (" " + prompts["suffix"] if think else "")
+
+
+def chat(prompts, task, grids, think=True):
+    """
+    Qwen2.5-VL's chat format for one user turn, ready for the assistant's answer. Each `<image>` in the
+    prompt becomes <|vision_start|> + one <|image_pad|> per visual token + <|vision_end|>, as the official
+    processor expands it; `grids` are the images' (t, h, w) patch grids in prompt order.
+    """
+    parts = prompt_text(prompts, task, think).split("<image>")
+    if len(parts) - 1 != len(grids):
+        raise ValueError(f"prompt '{task}' has {len(parts) - 1} <image> slots but {len(grids)} images were given")
+    text = parts[0].strip()
+    for grid, part in zip(grids, parts[1:]):
+        n = int(np.prod(grid)) // 4  # 2x2 patches merge into one visual token
+        text += "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>" + part.strip()
+    return (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
+            f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
+
+
+# -----------------------------------------------------------------------------
+# answer parsing: the last \boxed{...} (the backslash is optional: the suffix itself says "boxed{ }")
+
+BOXED = re.compile(r"boxed\{([^{}]*)\}")
+
+
+def boxed(text):
+    found = BOXED.findall(text)
+    return found[-1].strip() if found else None
+
+
+def parse_compare(text, labels=("0", "1")):
+    """0 if the answer names the first image, 1 the second, None if invalid (the caller counts it)."""
+    answer = boxed(text)
+    return labels.index(answer) if answer in labels else None
+
+
+def parse_score(text):
+    """A float in [1, 5], or None if invalid. Never a substitute value."""
+    answer = boxed(text)
+    if answer is None or not re.fullmatch(r"[+-]?(\d+(\.\d*)?|\.\d+)", answer):
+        return None
+    score = float(answer)
+    return score if 1.0 <= score <= 5.0 else None
+
+
+# -----------------------------------------------------------------------------
+# images: Qwen2.5-VL's resize rule and patch layout, without the torchvision-based processor
+
+IMAGE_CFG = {  # Qwen2.5-VL's preprocessor_config.json defaults
+    "min_pixels": 56 * 56,
+    "max_pixels": 28 * 28 * 1280,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
+
+
+def load_image(path):
+    """Any PIL-readable file as 8-bit RGB, EXIF orientation applied. Errors name the file."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits, not clip
+                a = np.asarray(im, dtype=np.float64)
+                im = Image.fromarray(np.uint8(np.clip(a / (65535.0 if a.max() > 255 else 255.0) * 255 + 0.5, 0, 255)))
+            elif im.mode in ("LA", "PA", "RGBA") or (im.mode == "P" and "transparency" in im.info):
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))  # composite on white, not black
+                im = Image.alpha_composite(bg, im)
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"{path}: cannot read image: {e}") from e
+
+
+def smart_resize(height, width, factor, min_pixels, max_pixels):
+    """Qwen2.5-VL's rule: both sides multiples of `factor`, area within [min_pixels, max_pixels]."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} is over 200")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def preprocess_image(image, cfg):
+    """PIL RGB image -> (pixel_values [h*w, 3*T*P*P] float32, grid (1, h, w)) in the vision tower's order."""
+    p, m, t = cfg["patch_size"], cfg["merge_size"], cfg["temporal_patch_size"]
+    h, w = smart_resize(image.height, image.width, p * m, cfg["min_pixels"], cfg["max_pixels"])
+    x = np.asarray(image.resize((w, h), Image.BICUBIC), dtype=np.float32) / 255.0
+    x = (x - np.array(cfg["image_mean"], np.float32)) / np.array(cfg["image_std"], np.float32)
+    gh, gw = h // p, w // p
+    # (H, W, C) -> merge windows of m x m patches stay contiguous, each patch flattened as (C, T, P, P)
+    x = x.reshape(gh // m, m, p, gw // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)
+    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))  # a still image fills T frames
+    return torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, 3 * t * p * p)), (1, gh, gw)
+
+
+# -----------------------------------------------------------------------------
+# the tiny model: Qwen2.5-VL's architecture at toy size, with a byte-level BPE tokenizer built in code
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, vision_depth=2, vision_hidden=32, merges=400)
+# Wider than a real model's 0.02: with near-uniform attention a wrong rope position or mask would barely move the
+# logits, and the equivalence tests against transformers' generate could not see it.
+INIT_STD = 0.3
+
+
+def tiny_tokenizer():
+    """Byte-level BPE (Qwen's pre-tokenizer: single digits) whose merges are learned from our own prompts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    corpus = [prompt_text(PROMPTS, "compare"), prompt_text(PROMPTS, "score"), SYSTEM_PROMPT,
+              "<think> </think> \\boxed{0} \\boxed{1} \\boxed{3.25} user assistant system"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(vocab_size=256 + TINY["merges"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False, special_tokens=[])
+    bpe.train_from_iterator(corpus, trainer)
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
+    tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges)
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    tok.eos_token, tok.pad_token = "<|im_end|>", "<|endoftext|>"
+    return tok
+
+
+def tiny_model(tokenizer):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    head_dim = TINY["hidden"] // TINY["heads"]
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=TINY["hidden"], intermediate_size=TINY["ffn"],
+                         num_hidden_layers=TINY["layers"], num_attention_heads=TINY["heads"],
+                         num_key_value_heads=TINY["kv_heads"], max_position_embeddings=4096,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                              mrope_section=[head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]),
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"], initializer_range=INIT_STD),
+        vision_config=dict(depth=TINY["vision_depth"], hidden_size=TINY["vision_hidden"],
+                           intermediate_size=2 * TINY["vision_hidden"], num_heads=2, out_hidden_size=TINY["hidden"],
+                           window_size=112, fullatt_block_indexes=[TINY["vision_depth"] - 1],
+                           initializer_range=INIT_STD),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        initializer_range=INIT_STD,
+    )
+    with torch.random.fork_rng(devices=[]):  # same weights every time, global RNG untouched
+        torch.manual_seed(0)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    return model
+
+
+def load_model(spec, device="cpu", dtype=None, attn="sdpa"):
+    """
+    (model, tokenizer, image_cfg) for `spec`: 'tiny', a local checkpoint directory (e.g. one written by
+    train_grpo.py) or a hub id of a Qwen2.5-VL checkpoint. dtype defaults to bf16 on CUDA, fp32 on CPU.
+    """
+    from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    device = torch.device(device)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    image_cfg = dict(IMAGE_CFG)
+    if spec == "tiny":
+        tokenizer = tiny_tokenizer()
+        model = tiny_model(tokenizer)
+        model.config._attn_implementation = attn
+        image_cfg.update(min_pixels=56 * 56, max_pixels=224 * 224)
+    else:
+        if os.path.sep in spec and not os.path.isdir(spec) or spec.startswith((".", "/", "~")) and not os.path.isdir(spec):
+            raise ValueError(f"model '{spec}': no such directory; expected 'tiny', a Qwen2.5-VL checkpoint "
+                             f"directory or a hub id like Qwen/Qwen2.5-VL-7B-Instruct")
+        try:
+            config = AutoConfig.from_pretrained(spec)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"model '{spec}': cannot load a config ({e}); expected 'tiny', a Qwen2.5-VL "
+                             f"checkpoint directory or a hub id like Qwen/Qwen2.5-VL-7B-Instruct") from e
+        if config.model_type != "qwen2_5_vl":
+            raise ValueError(f"model '{spec}': config model_type is '{config.model_type}', expected 'qwen2_5_vl'")
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(spec, dtype=dtype, attn_implementation=attn)
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+        with contextlib.suppress(OSError, json.JSONDecodeError):  # checkpoints carry their own pixel limits
+            from transformers.utils import cached_file
+            with open(cached_file(spec, "preprocessor_config.json")) as f:
+                pre = json.load(f)
+            image_cfg.update({k: pre[k] for k in IMAGE_CFG if k in pre})
+            image_cfg.update({k: pre["size"][s] for k, s in (("min_pixels", "shortest_edge"),
+                                                            ("max_pixels", "longest_edge")) if s in pre.get("size", {})})
+    model.to(device=device, dtype=dtype).eval()
+    return model, tokenizer, image_cfg
+
+
+def save_checkpoint(model, tokenizer, image_cfg, out_dir):
+    """A Hugging Face model directory (config, safetensors, tokenizer, pixel limits), written atomically."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    if os.path.isdir(tmp):
+        import shutil
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    pre = {k: image_cfg[k] for k in IMAGE_CFG} | {"size": {"shortest_edge": image_cfg["min_pixels"],
+                                                            "longest_edge": image_cfg["max_pixels"]}}
+    with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
+        json.dump(pre, f, indent=2)
+    if os.path.isdir(out_dir):  # replace an older save of the same step
+        os.rename(out_dir, out_dir.rstrip("/") + ".old")
+        import shutil
+        shutil.rmtree(out_dir.rstrip("/") + ".old")
+    os.rename(tmp, out_dir)
+
+
+# -----------------------------------------------------------------------------
+# model inputs: token ids, explicit 3-D (M-RoPE) positions, image embeddings
+
+def encode_prompt(tokenizer, prompts, task, grids, think=True):
+    """Token ids of one chat prompt with its images' placeholders expanded."""
+    return tokenizer.encode(chat(prompts, task, grids, think=think), add_special_tokens=False)
+
+
+def rope_positions(ids, grids, image_token_id, merge_size=2):
+    """
+    Qwen2.5-VL's 3-D positions (3, len) of one unpadded prompt: text tokens advance all three axes
+    together; an image's tokens take (t, row, col) offsets from the position where the image starts, and the
+    text after it resumes at that start + max(rows, cols). Also returns the next free position.
+    """
+    ids = torch.as_tensor(ids)
+    pos = torch.empty(3, len(ids), dtype=torch.long)
+    i, start, grids = 0, 0, iter(grids)
+    is_img = (ids == image_token_id).tolist()
+    while i < len(ids):
+        if is_img[i]:
+            t, h, w = next(grids)
+            h, w = h // merge_size, w // merge_size
+            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+            n = t * h * w
+            pos[:, i:i + n] = torch.stack([tt, hh, ww]).reshape(3, n) + start
+            i, start = i + n, start + max(h, w)
+        else:
+            pos[:, i] = start
+            i, start = i + 1, start + 1
+    return pos, int(pos.max()) + 1 if len(ids) else 0
+
+
+def encode_images(model, images, keys):
+    """Vision-tower embeddings of each distinct key, once however often it appears: {key: (tokens, hidden)}."""
+    keys = list(dict.fromkeys(keys))
+    if not keys:
+        return {}
+    device = model.device
+    pixels = torch.cat([images[k][0] for k in keys]).to(device=device, dtype=model.model.visual.dtype)
+    grid = torch.tensor([images[k][1] for k in keys], device=device)
+    out = model.model.get_image_features(pixels, grid)
+    return dict(zip(keys, out.pooler_output))
+
+
+def embed(model, ids, image_embeds, image_mask=None):
+    """
+    Token embeddings with the image slots replaced by the images' embeddings in order. The slots default
+    to every <|image_pad|>; pass `image_mask` when ids hold completions, which may contain that token too.
+    """
+    x = model.model.get_input_embeddings()(ids)
+    if image_embeds:
+        mask = ids == model.config.image_token_id if image_mask is None else image_mask
+        x = x.masked_scatter(mask.unsqueeze(-1), torch.cat(image_embeds).to(x.dtype))
+    return x
+
+
+def batch_inputs(model, requests, images, image_embeds=None, pad_id=0):
+    """
+    Left-padded batch of requests [(ids, image_keys)]: inputs_embeds, attention mask, 3-D positions, and
+    each row's next free position. Padding positions are 0 (masked anyway).
+    """
+    device = model.device
+    merge = model.config.vision_config.spatial_merge_size
+    if image_embeds is None:
+        image_embeds = encode_images(model, images, [k for _, keys in requests for k in keys])
+    L = max(len(ids) for ids, _ in requests)
+    B = len(requests)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    pos = torch.zeros(3, B, L, dtype=torch.long)
+    next_pos = torch.zeros(B, dtype=torch.long)
+    for b, (row, keys) in enumerate(requests):
+        n = len(row)
+        ids[b, L - n:] = torch.as_tensor(row)
+        mask[b, L - n:] = 1
+        pos[:, b, L - n:], next_pos[b] = rope_positions(row, [images[k][1] for k in keys],
+                                                        model.config.image_token_id, merge)
+    ids = ids.to(device)
+    x = embed(model, ids, [image_embeds[k] for _, keys in requests for k in keys])
+    return x, mask.to(device), pos.to(device), next_pos.to(device)
+
+
+# -----------------------------------------------------------------------------
+# the sampler: batched prefill, one prefill shared by the n samples of a prompt, KV-cached decode
+
+def stop_ids(tokenizer):
+    return sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} |
+                  ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+
+
+def next_token(logits, temperature, top_p, top_k, generators, counts):
+    """
+    Greedy at temperature 0, else a draw from softmax(logits / T) restricted to the top-k / top-p set.
+    generators[i] draws for the next counts[i] rows, so a request's samples depend on its own seed only.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
+    probs = logits.softmax(-1)
+    if len(generators) == 1:
+        return torch.multinomial(probs, 1, generator=generators[0]).squeeze(-1)
+    return torch.cat([torch.multinomial(p, 1, generator=g).squeeze(-1)
+                      for p, g in zip(probs.split(counts), generators)])
+
+
+@torch.no_grad()
+def prefill(model, requests, images, pad_id=0):
+    """One forward over the left-padded prompts: (last-position logits [B, V], cache, mask, next positions)."""
+    from transformers import DynamicCache
+
+    x, mask, pos, next_pos = batch_inputs(model, requests, images, pad_id=pad_id)
+    cache = DynamicCache(config=model.config.text_config)
+    out = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                logits_to_keep=1)
+    return out.logits[:, -1].float(), cache, mask, next_pos
+
+
+@torch.no_grad()
+def sample(model, tokenizer, requests, images, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0,
+           seed=0):
+    """
+    Complete each request (ids, image_keys) n times; `images` maps a key to (pixel_values, grid).
+    n is an int or one count per request. `seed` is one int for the whole call, or one per request, which
+    makes a request's samples independent of what else is in the batch (resume, sharding across ranks). The prompt, images included, is encoded once per request and its
+    KV cache copied to its n rows. Rows come out request by request. Returns dict(tokens: generated ids per
+    row up to and including the stop token, texts, stopped: whether each row ended with a stop token,
+    num_tokens: total generated tokens).
+    """
+    device = model.device
+    counts = torch.as_tensor([n] * len(requests) if isinstance(n, int) else list(n), dtype=torch.long)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids(tokenizer)[0]
+    logits, cache, mask, next_pos = prefill(model, requests, images, pad_id=pad)
+    rows = torch.repeat_interleave(torch.arange(len(requests)), counts).to(device)
+    cache.batch_select_indices(rows)
+    logits, mask, next_pos = logits[rows], mask[rows], next_pos[rows]
+    R, L = mask.shape
+    seeds = [seed] if isinstance(seed, int) else list(seed)
+    if len(seeds) not in (1, len(requests)):
+        raise ValueError(f"sample: {len(seeds)} seeds for {len(requests)} requests")
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    counts = counts.tolist() if len(seeds) > 1 else [len(rows)]
+    stops = torch.tensor(stop_ids(tokenizer), device=device)
+    out = torch.full((R, max_new_tokens), pad, dtype=torch.long, device=device)
+    mask = torch.cat([mask, torch.ones(R, max_new_tokens, dtype=mask.dtype, device=device)], dim=1)
+    done = torch.zeros(R, dtype=torch.bool, device=device)
+    steps = 0
+    for t in range(max_new_tokens):
+        tok = next_token(logits, temperature, top_p, top_k, generators, counts)
+        tok = torch.where(done, pad, tok)
+        out[:, t] = tok
+        done = done | torch.isin(tok, stops)
+        steps = t + 1
+        if t + 1 == max_new_tokens or bool(done.all()):  # the one sync per token: has every row stopped?
+            break
+        pos = (next_pos + t).view(1, R, 1).expand(3, R, 1)
+        x = model.model.get_input_embeddings()(tok[:, None])
+        logits = model(inputs_embeds=x, attention_mask=mask[:, :L + t + 1], position_ids=pos, cache=cache,
+                       use_cache=True).logits[:, -1].float()
+    out = out[:, :steps].tolist()
+    stop_set = set(stop_ids(tokenizer))
+    tokens, stopped = [], []
+    for row in out:
+        end = next((i for i, tk in enumerate(row) if tk in stop_set), None)
+        tokens.append(row if end is None else row[:end + 1])
+        stopped.append(end is not None)
+    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    return dict(tokens=tokens, texts=texts, stopped=stopped, num_tokens=sum(len(t) for t in tokens))
+
+
+# -----------------------------------------------------------------------------
+# files: JSONL with line numbers in errors, incremental append, atomic writes
+
+def read_jsonl(path):
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: malformed JSON line: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def append_jsonl(path, rows):
+    """Append and flush to disk, so a killed run keeps every finished row."""
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_partial_jsonl(path):
+    """Rows of a file that `append_jsonl` may have been writing when killed: a torn last line is dropped."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        lines = f.read().split("\n")
+    for i, line in enumerate(lines[:-1], 1):  # the piece after the last newline is an unfinished write
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: malformed JSON line: {e.msg}") from None
+    return rows
+
+
+def write_atomic(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path, rows):
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def stable_seed(*parts):
+    """A seed from strings/ints that is the same in every process and run (unlike Python's hash())."""
+    return zlib.crc32("\x1f".join(map(str, parts)).encode())
+
+
+# -----------------------------------------------------------------------------
+# distributed: torchrun-aware set-up, rank-0 printing, splitting work
+
+def dist_setup():
+    """(rank, world_size, device). Under torchrun: a process group (nccl on CUDA, gloo on CPU)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return rank, world, device
+
+
+def dist_cleanup():
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def shard(items, rank, world):
+    """This rank's share of `items`: every world-th item, so shares differ in size by at most one."""
+    return items[rank::world]

@@ -1,0 +1,357 @@
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return common.load_model("tiny", "cpu", "float32")
+
+
+def photo(h, w, seed=0):
+    """A smooth colour image with an edge and some texture: closer to a photograph than noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.stack([x, y, 1 - x * y], -1) * 200 + rng.normal(0, 8, (h, w, 3))
+    img[h // 3:, : w // 2] += 40
+    return Image.fromarray(np.uint8(np.clip(img, 0, 255)))
+
+
+def make_images(cfg, sizes):
+    return {k: common.preprocess_image(photo(h, w, i), cfg) for i, (k, (h, w)) in enumerate(sizes.items())}
+
+
+# -----------------------------------------------------------------------------
+# prompts and parsing
+
+def test_prompts_are_table1_verbatim():
+    assert common.PROMPTS["compare"].startswith("<image><image> You are performing an image quality assessment task.")
+    assert common.PROMPTS["compare"].endswith("0 if the first image is better, or 1 if the second image is better.")
+    assert "rounded to two decimal places, with 1 representing very poor quality and 5 representing excellent quality." \
+        in common.PROMPTS["score"]
+    assert common.PROMPTS["suffix"].endswith("The final answer MUST BE put in boxed{ }.")
+    assert common.prompt_text(common.PROMPTS, "score", think=False) == common.PROMPTS["score"]
+    assert common.prompt_text(common.PROMPTS, "score").endswith(common.PROMPTS["suffix"])
+
+
+def test_chat_expands_image_placeholders(tiny):
+    _, tok, _ = tiny
+    text = common.chat(common.PROMPTS, "compare", [(1, 4, 6), (1, 2, 2)])
+    assert text.count("<|image_pad|>") == 6 + 1
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                           "<|vision_start|><|image_pad|>")
+    assert text.endswith("boxed{ }.<|im_end|>\n<|im_start|>assistant\n")
+    ids = tok.encode(text, add_special_tokens=False)
+    assert ids.count(tok.convert_tokens_to_ids("<|image_pad|>")) == 7
+    with pytest.raises(ValueError, match="2 <image> slots but 1 images"):
+        common.chat(common.PROMPTS, "compare", [(1, 2, 2)])
+
+
+def test_prompts_file_overrides_and_parser_follows(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"compare_labels": ["A", "B"], "suffix": "Answer in boxed{}."}))
+    prompts = common.load_prompts(str(path))
+    assert prompts["suffix"] == "Answer in boxed{}." and prompts["score"] == common.PROMPTS["score"]
+    assert common.parse_compare("boxed{B}", prompts["compare_labels"]) == 1
+    assert common.parse_compare("boxed{1}", prompts["compare_labels"]) is None
+    path.write_text(json.dumps({"colour": "x"}))
+    with pytest.raises(ValueError, match="unknown prompt keys"):
+        common.load_prompts(str(path))
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="p.json"):
+        common.load_prompts(str(path))
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("<think>the first is sharper</think> \\boxed{0}", 0),
+    ("boxed{1}", 1),
+    ("\\boxed{0} no wait \\boxed{ 1 }", 1),  # the last box counts
+    ("\\boxed{2}", None),
+    ("\\boxed{}", None),
+    ("0", None),
+    ("", None),
+])
+def test_parse_compare(text, expected):
+    assert common.parse_compare(text) == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("<think>sharp, well lit</think> \\boxed{3.75}", 3.75),
+    ("boxed{5}", 5.0),
+    ("\\boxed{1.00}", 1.0),
+    ("\\boxed{2} then \\boxed{4.5}", 4.5),
+    ("\\boxed{5.01}", None),
+    ("\\boxed{0.99}", None),
+    ("\\boxed{three}", None),
+    ("\\boxed{nan}", None),
+    ("\\boxed{inf}", None),
+    ("3.5", None),
+])
+def test_parse_score(text, expected):
+    assert common.parse_score(text) == expected
+
+
+# -----------------------------------------------------------------------------
+# images
+
+@pytest.mark.parametrize("size", [(224, 224), (97, 333), (40, 30), (600, 400)])
+def test_preprocess_matches_transformers_image_processor(size):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    cfg = dict(common.IMAGE_CFG, min_pixels=56 * 56, max_pixels=280 * 280)
+    img = photo(*size)
+    ours, grid = common.preprocess_image(img, cfg)
+    ref = Qwen2VLImageProcessorPil(min_pixels=cfg["min_pixels"], max_pixels=cfg["max_pixels"])(
+        images=[img], return_tensors="pt")
+    assert list(grid) == ref["image_grid_thw"][0].tolist()
+    assert ours.shape == ref["pixel_values"].shape
+    torch.testing.assert_close(ours, ref["pixel_values"].float(), atol=1e-5, rtol=1e-5)
+
+
+def save(img, path, **kw):
+    img.save(path, **kw)
+    return str(path)
+
+
+def test_load_image_converts_every_mode_to_rgb(tmp_path):
+    base = photo(30, 40)
+    cases = {
+        "l.png": base.convert("L"), "la.png": base.convert("LA"), "p.png": base.convert("P"),
+        "rgba.png": base.convert("RGBA"), "cmyk.jpg": base.convert("CMYK"),
+        "i16.png": Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 257)),
+    }
+    for name, img in cases.items():
+        out = common.load_image(save(img, tmp_path / name))
+        assert out.mode == "RGB" and out.size == (40, 30), name
+    grey = np.asarray(common.load_image(str(tmp_path / "i16.png")))[..., 0]
+    assert abs(int(grey.mean()) - int(np.asarray(base.convert("L")).mean())) <= 1  # scaled, not clipped to 255
+
+
+def test_load_image_applies_exif_orientation(tmp_path):
+    img = photo(30, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    out = common.load_image(save(img, tmp_path / "o.jpg", exif=exif))
+    assert out.size == (30, 40)
+
+
+def test_bad_image_files_name_the_file(tmp_path):
+    with pytest.raises(ValueError, match="missing.png"):
+        common.load_image(str(tmp_path / "missing.png"))
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ValueError, match="text.png"):
+        common.load_image(str(tmp_path / "text.png"))
+    buf = io.BytesIO()
+    photo(64, 64).save(buf, "PNG")
+    (tmp_path / "cut.png").write_bytes(buf.getvalue()[:200])
+    with pytest.raises(ValueError, match="cut.png"):
+        common.load_image(str(tmp_path / "cut.png"))
+
+
+# -----------------------------------------------------------------------------
+# model loading and checkpoints
+
+def test_tiny_is_deterministic_and_tokenizer_covers_prompts(tiny):
+    model, tok, _ = tiny
+    model2, _, _ = common.load_model("tiny")
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), name
+    for t in common.SPECIAL_TOKENS:
+        assert tok.convert_ids_to_tokens(tok.encode(t, add_special_tokens=False)) == [t]
+    for text in [common.prompt_text(common.PROMPTS, "compare"), common.prompt_text(common.PROMPTS, "score"),
+                 "<think> the left one is blurry </think> \\boxed{3.25}", "boxed{0}", "0123456789"]:
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    assert [tok.decode([i]) for i in tok.encode("2.75", add_special_tokens=False)] == ["2", ".", "7", "5"]
+    assert model.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
+
+
+def test_bad_model_spec_says_what_was_expected(tmp_path):
+    with pytest.raises(ValueError, match="no such directory.*expected 'tiny'"):
+        common.load_model(str(tmp_path / "nope"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="model_type is 'bert', expected 'qwen2_5_vl'"):
+        common.load_model(str(tmp_path))
+
+
+def test_checkpoint_round_trip(tiny, tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model, tok, cfg = tiny
+    out = str(tmp_path / "ckpt")
+    common.save_checkpoint(model, tok, dict(cfg, max_pixels=112 * 112), out)
+    common.save_checkpoint(model, tok, dict(cfg, max_pixels=112 * 112), out)  # overwrite in place
+    assert not any(p.endswith((".tmp", ".old")) for p in os.listdir(tmp_path))
+    m2, tok2, cfg2 = common.load_model(out)
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(out).eval()
+    assert cfg2["max_pixels"] == 112 * 112 and tok2.encode("boxed{2}") == tok.encode("boxed{2}")
+    images = make_images(cfg, {"x": (56, 84)})
+    ids = torch.tensor([common.encode_prompt(tok, common.PROMPTS, "score", [images["x"][1]])])
+    kw = dict(input_ids=ids, pixel_values=images["x"][0], image_grid_thw=torch.tensor([images["x"][1]]),
+              mm_token_type_ids=(ids == model.config.image_token_id).int())
+    with torch.no_grad():
+        ref = model(**kw).logits
+        torch.testing.assert_close(m2(**kw).logits, ref)
+        torch.testing.assert_close(hf(**kw).logits, ref)
+
+
+# -----------------------------------------------------------------------------
+# positions and the sampler
+
+def requests_for(tok, images):
+    P = common.PROMPTS
+    return [
+        (common.encode_prompt(tok, P, "compare", [images["a"][1], images["b"][1]]), ["a", "b"]),
+        (common.encode_prompt(tok, P, "score", [images["c"][1]]), ["c"]),
+        (common.encode_prompt(tok, P, "compare", [images["c"][1], images["a"][1]], think=False), ["c", "a"]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def batch(tiny):
+    _, tok, cfg = tiny
+    images = make_images(cfg, {"a": (112, 112), "b": (56, 140), "c": (84, 56)})
+    return images, requests_for(tok, images)
+
+
+def hf_inputs(model, ids, keys, images):
+    ids = torch.tensor([ids])
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                pixel_values=torch.cat([images[k][0] for k in keys]),
+                image_grid_thw=torch.tensor([images[k][1] for k in keys]),
+                mm_token_type_ids=(ids == model.config.image_token_id).int())
+
+
+def test_rope_positions_match_transformers(tiny, batch):
+    model, _, _ = tiny
+    images, requests = batch
+    for ids, keys in requests:
+        kw = hf_inputs(model, ids, keys, images)
+        ref, _ = model.model.get_rope_index(kw["input_ids"], kw["mm_token_type_ids"], kw["image_grid_thw"])
+        ours, nxt = common.rope_positions(ids, [images[k][1] for k in keys], model.config.image_token_id)
+        assert torch.equal(ours, ref[:, 0]) and nxt == int(ref.max()) + 1
+
+
+def test_greedy_matches_transformers_generate(tiny, batch):
+    model, tok, _ = tiny
+    images, requests = batch
+    out = common.sample(model, tok, requests, images, n=1, max_new_tokens=24, temperature=0)
+    for (ids, keys), ours in zip(requests, out["tokens"]):
+        gen = model.generate(**hf_inputs(model, ids, keys, images), do_sample=False, max_new_tokens=24)
+        ref = gen[0, len(ids):].tolist()
+        ref = ref[:ref.index(tok.eos_token_id) + 1] if tok.eos_token_id in ref else ref
+        assert ours == ref
+
+
+def test_cached_decode_logits_equal_full_forward(tiny, batch, monkeypatch):
+    """Every step's logits, from the padded, cached batch, against a fresh no-cache forward (fp32, 1e-4)."""
+    model, tok, _ = tiny
+    images, requests = batch
+    seen = []
+    real = common.next_token
+    monkeypatch.setattr(common, "next_token", lambda logits, *a: seen.append(logits.clone()) or real(logits, *a))
+    out = common.sample(model, tok, requests, images, n=1, max_new_tokens=6, temperature=1.0, seed=3)
+    for r, ((ids, keys), gen) in enumerate(zip(requests, out["tokens"])):
+        full = torch.tensor([ids + gen])
+        pos, nxt = common.rope_positions(ids, [images[k][1] for k in keys], model.config.image_token_id)
+        pos = torch.cat([pos, (nxt + torch.arange(len(gen))).expand(3, -1)], 1)[:, None]
+        with torch.no_grad():
+            emb = common.encode_images(model, images, keys)
+            slots = torch.zeros_like(full, dtype=torch.bool)
+            slots[0, :len(ids)] = torch.tensor(ids) == model.config.image_token_id
+            x = common.embed(model, full, [emb[k] for k in keys], slots)
+            logits = model(inputs_embeds=x, position_ids=pos, use_cache=False).logits[0]
+        for t in range(len(gen)):
+            torch.testing.assert_close(seen[t][r], logits[len(ids) - 1 + t], atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_is_reproducible_and_seeded(tiny, batch):
+    model, tok, _ = tiny
+    images, requests = batch
+    kw = dict(n=3, max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50)
+    a = common.sample(model, tok, requests, images, seed=7, **kw)
+    b = common.sample(model, tok, requests, images, seed=7, **kw)
+    c = common.sample(model, tok, requests, images, seed=8, **kw)
+    assert a["tokens"] == b["tokens"] and a["tokens"] != c["tokens"]
+    assert len(a["tokens"]) == 9 and a["num_tokens"] == sum(map(len, a["tokens"]))
+
+
+def test_n_from_one_prefill_equals_n_prefilled_copies(tiny, batch):
+    model, tok, _ = tiny
+    images, requests = batch
+    kw = dict(max_new_tokens=10, temperature=1.0, seed=11)
+    shared = common.sample(model, tok, requests, images, n=4, **kw)
+    copies = common.sample(model, tok, [r for r in requests for _ in range(4)], images, n=1, **kw)
+    assert shared["tokens"] == copies["tokens"]
+    # per-request seeds: a request's samples do not depend on what else is in the batch
+    alone = common.sample(model, tok, requests[1:2], images, n=[3], seed=[5], max_new_tokens=10)
+    mixed = common.sample(model, tok, requests, images, n=[2, 3, 1], seed=[9, 5, 4], max_new_tokens=10)
+    assert mixed["tokens"][2:5] == alone["tokens"]
+
+
+def test_top_k_one_is_greedy(tiny, batch):
+    model, tok, _ = tiny
+    images, requests = batch
+    greedy = common.sample(model, tok, requests, images, max_new_tokens=8, temperature=0)
+    topk = common.sample(model, tok, requests, images, max_new_tokens=8, temperature=1.5, top_k=1, seed=1)
+    nucleus = common.sample(model, tok, requests, images, max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=2)
+    assert greedy["tokens"] == topk["tokens"] == nucleus["tokens"]
+
+
+def test_stops_at_end_token_and_max_new_tokens(tiny, batch):
+    model, tok, _ = tiny
+    images, requests = batch
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    out = common.sample(model, tok, requests, images, n=2, max_new_tokens=5, temperature=1.0, seed=0)
+    assert all(len(t) <= 5 for t in out["tokens"])
+    assert all(s == (t[-1] == im_end) for t, s in zip(out["tokens"], out["stopped"]))
+    # force a stop: bias the output layer so that <|im_end|> wins everywhere
+    bias = torch.zeros(model.config.text_config.vocab_size)
+    bias[im_end] = 100.0
+    model.lm_head.register_forward_hook(lambda m, i, o: o + bias)
+    try:
+        out = common.sample(model, tok, requests, images, n=2, max_new_tokens=50, temperature=1.0, seed=0)
+    finally:
+        model.lm_head._forward_hooks.clear()
+    assert out["tokens"] == [[im_end]] * 6 and all(out["stopped"]) and out["texts"] == [""] * 6
+
+
+# -----------------------------------------------------------------------------
+# files and helpers
+
+def test_read_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2\n')
+    with pytest.raises(ValueError, match=r"x.jsonl:3: malformed JSON"):
+        common.read_jsonl(str(path))
+    path.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"x.jsonl:2: expected a JSON object"):
+        common.read_jsonl(str(path))
+
+
+def test_append_and_partial_read_drop_a_torn_line(tmp_path):
+    path = str(tmp_path / "log.jsonl")
+    common.append_jsonl(path, [{"i": 0}, {"i": 1}])
+    with open(path, "a") as f:
+        f.write('{"i": 2, "x"')  # a write cut by a kill
+    assert common.read_partial_jsonl(path) == [{"i": 0}, {"i": 1}]
+    assert common.read_partial_jsonl(str(tmp_path / "none.jsonl")) == []
+
+
+def test_atomic_write_and_stable_seed(tmp_path):
+    path = str(tmp_path / "out.jsonl")
+    common.write_jsonl_atomic(path, [{"a": 1}])
+    assert common.read_jsonl(path) == [{"a": 1}] and os.listdir(tmp_path) == ["out.jsonl"]
+    assert common.stable_seed(0, "img.png", 3) == common.stable_seed(0, "img.png", 3) != common.stable_seed(1, "img.png", 3)
+
+
+def test_shard_splits_without_overlap():
+    items = list(range(10))
+    parts = [common.shard(items, r, 3) for r in range(3)]
+    assert sorted(sum(parts, [])) == items and max(map(len, parts)) - min(map(len, parts)) <= 1
