@@ -88,28 +88,29 @@ def chat(prompts, task, grids, think=True):
 
 
 # -----------------------------------------------------------------------------
-# answer parsing: the last \boxed{...} (the backslash is optional: the suffix itself says "boxed{ }")
+# answer parsing: the last \boxed{...} (the backslash is optional: the suffix itself says "boxed{ }"). Without
+# the reasoning suffix (--no-think) nothing asks for a box, so there a bare answer is the whole completion.
 
 BOXED = re.compile(r"boxed\{([^{}]*)\}")
 
 
-def boxed(text):
+def answer(text):
     found = BOXED.findall(text)
-    return found[-1].strip() if found else None
+    return found[-1].strip() if found else text.strip()
 
 
 def parse_compare(text, labels=("0", "1")):
     """0 if the answer names the first image, 1 the second, None if invalid (the caller counts it)."""
-    answer = boxed(text)
-    return labels.index(answer) if answer in labels else None
+    a = answer(text)
+    return labels.index(a) if a in labels else None
 
 
 def parse_score(text):
     """A float in [1, 5], or None if invalid. Never a substitute value."""
-    answer = boxed(text)
-    if answer is None or not re.fullmatch(r"[+-]?(\d+(\.\d*)?|\.\d+)", answer):
+    a = answer(text)
+    if not re.fullmatch(r"[+-]?(\d+(\.\d*)?|\.\d+)", a):
         return None
-    score = float(answer)
+    score = float(a)
     return score if 1.0 <= score <= 5.0 else None
 
 

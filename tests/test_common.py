@@ -75,7 +75,9 @@ def test_prompts_file_overrides_and_parser_follows(tmp_path):
     ("\\boxed{0} no wait \\boxed{ 1 }", 1),  # the last box counts
     ("\\boxed{2}", None),
     ("\\boxed{}", None),
-    ("0", None),
+    ("0", 0),  # a bare answer (prompts without the suffix)
+    (" 1\n", 1),
+    ("I think 0", None),
     ("", None),
 ])
 def test_parse_compare(text, expected):
@@ -92,7 +94,9 @@ def test_parse_compare(text, expected):
     ("\\boxed{three}", None),
     ("\\boxed{nan}", None),
     ("\\boxed{inf}", None),
-    ("3.5", None),
+    ("3.5", 3.5),  # a bare answer (prompts without the suffix)
+    ("it is 3.5", None),
+    ("\\boxed{4} 3", 4.0),
 ])
 def test_parse_score(text, expected):
     assert common.parse_score(text) == expected
