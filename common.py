@@ -9,6 +9,7 @@ common.py imports no stage; every stage imports it.
 """
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -305,22 +306,23 @@ def rope_positions(ids, grids, image_token_id, merge_size=2):
     together; an image's tokens take (t, row, col) offsets from the position where the image starts, and the
     text after it resumes at that start + max(rows, cols). Also returns the next free position.
     """
-    ids = torch.as_tensor(ids)
     pos = torch.empty(3, len(ids), dtype=torch.long)
     i, start, grids = 0, 0, iter(grids)
-    is_img = (ids == image_token_id).tolist()
-    while i < len(ids):
-        if is_img[i]:
+    for is_img, run in itertools.groupby(torch.as_tensor(ids).eq(image_token_id).tolist()):
+        n = len(list(run))
+        if is_img:  # <|vision_start|> / <|vision_end|> wrap every image, so a run is one image
             t, h, w = next(grids)
             h, w = h // merge_size, w // merge_size
+            if n != t * h * w:
+                raise ValueError(f"{n} image tokens where a {t}x{h * merge_size}x{w * merge_size} grid needs {t * h * w}")
             tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
-            n = t * h * w
             pos[:, i:i + n] = torch.stack([tt, hh, ww]).reshape(3, n) + start
-            i, start = i + n, start + max(h, w)
+            start += max(h, w)
         else:
-            pos[:, i] = start
-            i, start = i + 1, start + 1
-    return pos, int(pos.max()) + 1 if len(ids) else 0
+            pos[:, i:i + n] = torch.arange(start, start + n)
+            start += n
+        i += n
+    return pos, start
 
 
 def encode_images(model, images, keys):

@@ -1,0 +1,434 @@
+"""
+Zero-shot evaluation (paper Tables 2-5): the model rates every image of one or more IQA datasets with the score
+prompt c_score of Table 1 (plus the reasoning suffix), an image's score is the mean of its valid sampled ratings,
+and the scores are correlated with the human mean opinion scores: PLCC and SRCC per dataset, and WAVG weighted
+by the number of images.
+
+    # the paper's base model on KonIQ-10k (official test split) and SPAQ, from pyiqa meta_info label files
+    python evaluate.py --model Qwen/Qwen2.5-VL-7B-Instruct \
+        --data koniq=meta_info_KonIQ10kDataset.csv --root koniq=/data/koniq10k/512x384 --split test \
+        --data spaq=meta_info_SPAQDataset.csv --root spaq=/data/spaq/TestImage \
+        --data csiq=meta_info_CSIQDataset.csv --root csiq=/data/CSIQ/dst_imgs \
+        --samples 8 --temperature 1.0 --out runs/eval/qwen7b
+    # the same on 8 GPUs: each rank scores every 8th image, rank 0 merges the per-image files and reports
+    torchrun --standalone --nproc_per_node=8 evaluate.py --model Qwen/Qwen2.5-VL-7B-Instruct ... --out runs/eval/qwen7b
+    # a trained checkpoint, with the relative change (%) over the base model's report, as in Table 2
+    python evaluate.py --model runs/grpo/round1 ... --baseline runs/eval/qwen7b/report.json --out runs/eval/round1
+    # the tiny random-weight model on CPU and a few real photos: checks the plumbing (most ratings are invalid)
+    python evaluate.py --model tiny --data biq=../shared/data/biq2021-mini/labels.csv \
+        --root biq=../shared/data/biq2021-mini/images --limit 8 --samples 2 --max-new-tokens 16 --out /tmp/eval_tiny
+
+Datasets are NAME=PATH (or just PATH, named after the file). PATH is
+  - a JSONL manifest, one {"image": path, "mos": number} per line (an optional "split" field is honoured);
+  - a pyiqa-style CSV: an image column (dist_name / dis_img_path / img_name / Image name / image / filename; a
+    full-reference file's distorted image is scored, its reference ignored), a score column (mos / mos_zscore /
+    qmos / dmos / elo_score / score) and an optional split column (split / official_split: names such as "test",
+    or pyiqa's codes 0/1/2 = train/val/test). Column names are matched case-insensitively.
+Image paths are relative to --root (one DIR for every dataset, or NAME=DIR per dataset), else to the label
+file's directory. DMOS (lower is better) is flipped to mos = -dmos, so higher is always better; the report says so.
+
+Outputs in --out: scores.jsonl (one row per image: dataset, line of the label file, image, path, mos, parsed
+scores, score, std, and with --save-text the completions), report.json, run.json (the scoring settings: a resumed
+run must match them). A killed run resumes where it stopped: finished images are never rescored.
+"""
+
+import argparse
+import csv
+import glob
+import json
+import math
+import os
+import warnings
+
+import numpy as np
+import torch.distributed as dist
+from scipy.optimize import OptimizeWarning, curve_fit
+from scipy.stats import rankdata
+from tqdm import tqdm
+
+from common import (append_jsonl, dist_cleanup, dist_setup, encode_prompt, load_image, load_model, load_prompts,
+                    parse_score, preprocess_image, print0, prompt_text, read_jsonl, read_partial_jsonl, sample, shard,
+                    stable_seed, write_atomic, write_jsonl_atomic)
+
+# -----------------------------------------------------------------------------
+# datasets: label files -> rows {dataset, line, image, path, mos}; `line` (the label file's line) is the row's key,
+# so the same image listed twice stays two rows and --split / --limit never shift the keys of a resumed run
+
+IMAGE_COLUMNS = ["dist_name", "dis_img_path", "img_name", "image name", "image", "filename"]  # first found wins
+SCORE_COLUMNS = ["mos", "mos_zscore", "qmos", "dmos", "elo_score", "score"]
+SPLIT_COLUMNS = ["split", "official_split"]
+LOWER_IS_BETTER = {"dmos"}
+# pyiqa files whose column name states the wrong direction (pyiqa's own dataset_info agrees): KADID-10k's "dmos"
+# is a 1..5 MOS (its mildest distortions score highest), and LIVE's "mos" holds LIVE's DMOS
+DIRECTION_BY_FILE = {"meta_info_KADID10kDataset.csv": "higher", "meta_info_LIVEIQADataset.csv": "lower"}
+SPLIT_CODES = {"0": "train", "1": "val", "2": "test"}  # pyiqa's numeric split column (KonIQ-10k: 7058/1000/2015)
+
+
+def number(text, where, column):
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"{where}: {column} {text!r} is not a number")
+    return value
+
+
+def read_csv_labels(path):
+    """[(line, image, score, split or None)], the score column's name, the split column's name (or None)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = [h.strip().lower() for h in next(reader, [])]
+        image_col, score_col, split_col = (next((n for n in names if n in header), None)
+                                           for names in (IMAGE_COLUMNS, SCORE_COLUMNS, SPLIT_COLUMNS))
+        if image_col is None or score_col is None:
+            raise ValueError(f"{path}: header {header} needs an image column (one of {IMAGE_COLUMNS}) and a score "
+                             f"column (one of {SCORE_COLUMNS})")
+        i, s, p = header.index(image_col), header.index(score_col), split_col and header.index(split_col)
+        records = []
+        for fields in reader:
+            where = f"{path}:{reader.line_num}"
+            if not any(x.strip() for x in fields):
+                continue
+            if len(fields) < len(header):
+                raise ValueError(f"{where}: {len(fields)} fields, the header has {len(header)}")
+            if not fields[i].strip():
+                raise ValueError(f"{where}: empty {image_col}")
+            records.append((reader.line_num, fields[i].strip(), number(fields[s], where, score_col),
+                            fields[p].strip() if split_col else None))
+    return records, score_col, split_col
+
+
+def read_manifest(path):
+    """The JSONL form: [(line, image, mos, split or None)]."""
+    records = []
+    with open(path) as f:
+        for line, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line}: malformed JSON line: {e.msg}") from None
+            if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not row["image"]:
+                raise ValueError(f"{path}:{line}: expected {{\"image\": path, \"mos\": number}}, "
+                                 f"got {text.strip()[:80]}")
+            records.append((line, row["image"], number(row.get("mos"), f"{path}:{line}", "mos"),
+                            None if row.get("split") is None else str(row["split"])))
+    return records, "mos", "split" if any(r[3] is not None for r in records) else None
+
+
+def lower_is_better(path, column):
+    default = "lower" if column in LOWER_IS_BETTER else "higher"
+    return DIRECTION_BY_FILE.get(os.path.basename(path), default) == "lower"
+
+
+def load_dataset(name, path, root=None, split=None, limit=None, skip_missing=False):
+    """A dataset dict: name, file, rows, and what the report says about it (score column, flip, split, missing)."""
+    records, column, split_col = read_manifest(path) if path.endswith(".jsonl") else read_csv_labels(path)
+    flipped = lower_is_better(path, column)
+    if split and split_col:
+        seen = sorted({str(r[3]) for r in records})
+        records = [r for r in records if split.lower() in ((r[3] or "").lower(), SPLIT_CODES.get(r[3]))]
+        if not records:
+            raise ValueError(f"{path}: no rows of split '{split}'; column '{split_col}' holds {seen[:10]}")
+    records = records[:limit] if limit else records
+    if not records:
+        raise ValueError(f"{path}: no rows")
+    root = root or os.path.dirname(path)
+    rows = [dict(dataset=name, line=line, image=image, path=os.path.join(root, image), mos=-score if flipped else score)
+            for line, image, score, _ in records]
+    missing = [r["path"] for r in rows if not os.path.exists(r["path"])]
+    if missing and not skip_missing:
+        raise ValueError(f"{name}: {len(missing)} of {len(rows)} image files are missing, e.g. {missing[:5]}; check "
+                         f"--root or pass --skip-missing to drop them")
+    rows = [r for r in rows if os.path.exists(r["path"])] if missing else rows
+    if not rows:
+        raise ValueError(f"{name}: every image file is missing")
+    if split and not split_col:
+        split = f"{split} requested, but the file has no split column: all rows kept"
+    return dict(name=name, file=path, rows=rows, score_column=column, flipped=flipped, missing=len(missing),
+                split=split)
+
+
+def split_name(spec):
+    """'NAME=VALUE' -> (NAME, VALUE); a bare 'VALUE' -> (None, VALUE)."""
+    return tuple(spec.split("=", 1)) if "=" in spec else (None, spec)
+
+
+# -----------------------------------------------------------------------------
+# scoring: N completions of c_score per image from one shared prefill, the image's score = mean of the valid ones
+
+def aggregate(texts):
+    """Parsed scores (None where invalid), their mean and std. No valid score: score None (counted, never guessed)."""
+    scores = [parse_score(t) for t in texts]
+    valid = [s for s in scores if s is not None]
+    return dict(scores=scores, score=float(np.mean(valid)) if valid else None,
+                std=float(np.std(valid)) if len(valid) > 1 else None)
+
+
+def score_batch(model, tokenizer, image_cfg, prompts, rows, args):
+    images = {i: preprocess_image(load_image(row["path"]), image_cfg) for i, row in enumerate(rows)}
+    requests = [(encode_prompt(tokenizer, prompts, "score", [images[i][1]], think=not args.no_think), [i])
+                for i in range(len(rows))]
+    # one seed per image, from its name: its samples do not depend on the batch, the rank or a resume
+    out = sample(model, tokenizer, requests, images, n=args.samples, max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                 seed=[stable_seed(args.seed, row["image"]) for row in rows])
+    results = []
+    for i, row in enumerate(rows):
+        texts = out["texts"][i * args.samples:(i + 1) * args.samples]
+        results.append(row | aggregate(texts) | (dict(texts=texts) if args.save_text else {}))
+    return results
+
+
+# -----------------------------------------------------------------------------
+# metrics: PLCC (after the DeQA-Score 4-parameter logistic, or raw) and SRCC
+
+def pearson(x, y):
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    x, y = x - x.mean(), y - y.mean()
+    return float(x @ y / math.sqrt((x @ x) * (y @ y)))
+
+
+def spearman(x, y):
+    return pearson(rankdata(x), rankdata(y))  # Pearson of ranks; ties share their average rank
+
+
+def logistic4(x, b1, b2, b3, b4):
+    return (b1 - b2) / (1 + np.exp(-(x - b3) / np.abs(b4))) + b2
+
+
+def fit_logistic(x, y):
+    """The DeQA-Score protocol's fit of mos ~ logistic4(score), from its starting point."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    with warnings.catch_warnings(), np.errstate(over="ignore"):
+        warnings.simplefilter("ignore", OptimizeWarning)
+        params, _ = curve_fit(logistic4, x, y, p0=[y.max(), y.min(), x.mean(), x.std() / 4], maxfev=100000)
+    return params
+
+
+def correlate(x, y, plcc="logistic"):
+    """dict(plcc, srcc, plcc_method). A failed fit falls back to raw Pearson and says so: hours of scoring survive."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return dict(plcc=None, srcc=None, plcc_method="undefined: fewer than 3 scored images, or constant scores")
+    if plcc == "raw":
+        return dict(plcc=pearson(x, y), srcc=spearman(x, y), plcc_method="raw")
+    try:
+        fitted = logistic4(x, *fit_logistic(x, y))
+        if not np.isfinite(fitted).all() or np.ptp(fitted) == 0:
+            raise RuntimeError("the fitted curve is flat or not finite")
+        return dict(plcc=pearson(fitted, y), srcc=spearman(x, y), plcc_method="logistic")
+    except (RuntimeError, ValueError, TypeError, np.linalg.LinAlgError) as e:  # TypeError: fewer than 4 points
+        return dict(plcc=pearson(x, y), srcc=spearman(x, y), plcc_method=f"raw (logistic fit failed: {e})")
+
+
+# -----------------------------------------------------------------------------
+# results files: each rank appends to its own part file; rank 0 merges them into scores.jsonl
+
+def read_results(out):
+    """{(dataset, line): row} from scores.jsonl and any part files a killed or finished run left behind."""
+    final = os.path.join(out, "scores.jsonl")
+    rows = read_jsonl(final) if os.path.exists(final) else []
+    for part in sorted(glob.glob(os.path.join(out, "scores.rank*.jsonl"))):
+        rows += read_partial_jsonl(part)
+    return {(r["dataset"], r["line"]): r for r in rows}
+
+
+def drop_torn_tail(path):
+    """Cut an unfinished last line (a run killed mid-write), so new rows do not glue onto it."""
+    if os.path.exists(path):
+        with open(path, "rb+") as f:
+            f.truncate(f.read().rfind(b"\n") + 1)
+
+
+def merge_results(out, names):
+    """scores.jsonl in dataset order, then line order, written atomically; the part files go."""
+    results = read_results(out)
+    order = {n: i for i, n in enumerate(names)}
+    rows = sorted(results.values(), key=lambda r: (order.get(r["dataset"], len(order)), r["dataset"], r["line"]))
+    write_jsonl_atomic(os.path.join(out, "scores.jsonl"), rows)
+    for part in glob.glob(os.path.join(out, "scores.rank*.jsonl")):
+        os.remove(part)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# report: the paper's table (dataset | n | PLCC | SRCC), plus invalid count and spread
+
+def build_report(datasets, results, settings, plcc, baseline=None):
+    per = {}
+    for ds in datasets:
+        rows = [results[(ds["name"], r["line"])] | dict(mos=r["mos"]) for r in ds["rows"]]
+        valid = [r for r in rows if r["score"] is not None]
+        stds = [r["std"] for r in rows if r["std"] is not None]
+        per[ds["name"]] = dict(
+            file=ds["file"], n=len(valid), invalid=len(rows) - len(valid), missing=ds["missing"],
+            **correlate([r["score"] for r in valid], [r["mos"] for r in valid], plcc),
+            spread=float(np.mean(stds)) if stds else None,  # mean per-image std of the valid sampled scores
+            mean_score=float(np.mean([r["score"] for r in valid])) if valid else None,
+            score_column=ds["score_column"], flipped=ds["flipped"], split=ds["split"])
+    scored = [d for d in per.values() if d["plcc"] is not None]
+    total = sum(d["n"] for d in scored)
+    wavg = dict(n=total, invalid=sum(d["invalid"] for d in per.values()),  # weights: images in each correlation
+                **{m: sum(d["n"] * d[m] for d in scored) / total if total else None for m in ("plcc", "srcc")})
+    report = dict(settings=settings, plcc=plcc, datasets=per, wavg=wavg)
+    if baseline:
+        base = dict(baseline["datasets"], WAVG=baseline["wavg"])
+        report["baseline"] = {name: {m: 100 * (d[m] - base[name][m]) / abs(base[name][m])
+                                     if d[m] is not None and base[name].get(m) else None for m in ("plcc", "srcc")}
+                              for name, d in dict(per, WAVG=wavg).items() if name in base}
+    return report
+
+
+def format_table(report):
+    delta = report.get("baseline", {})
+
+    def fig(name, d, m):  # "0.840 (+10.4%)" as in Table 2
+        change = delta.get(name, {}).get(m)
+        return ("-" if d[m] is None else f"{d[m]:.3f}") + (f" ({change:+.1f}%)" if change is not None else "")
+
+    lines = [f"{'dataset':<12} {'n':>6}  {'PLCC':<16} {'SRCC':<16} {'invalid':>7}  spread"]
+    for name, d in report["datasets"].items():
+        spread = "-" if d["spread"] is None else f"{d['spread']:.3f}"
+        lines.append(f"{name:<12} {d['n']:>6}  {fig(name, d, 'plcc'):<16} {fig(name, d, 'srcc'):<16} "
+                     f"{d['invalid']:>7}  {spread}")
+    w = report["wavg"]
+    lines.append(f"{'WAVG':<12} {w['n']:>6}  {fig('WAVG', w, 'plcc'):<16} {fig('WAVG', w, 'srcc'):<16} "
+                 f"{w['invalid']:>7}")
+    method = "after the 4-parameter logistic mapping (DeQA-Score)" if report["plcc"] == "logistic" else "raw Pearson"
+    lines.append(f"PLCC {method}. n: images with a valid score; invalid: images with none (left out); spread: mean "
+                 f"per-image std of the sampled scores" + ("; (%): change relative to the baseline" if delta else ""))
+    for name, d in report["datasets"].items():
+        if d["flipped"]:
+            lines.append(f"  {name}: '{d['score_column']}' is lower-is-better: flipped to mos = -{d['score_column']}")
+        if d["plcc_method"] not in ("logistic", "raw"):
+            lines.append(f"  {name}: PLCC {d['plcc_method']}")
+        if d["missing"]:
+            lines.append(f"  {name}: {d['missing']} missing image files skipped")
+        if d["split"]:
+            lines.append(f"  {name}: split {d['split']}")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny",
+                   help="'tiny', a checkpoint directory or a hub id (paper: Qwen/Qwen2.5-VL-7B-Instruct)")
+    # data
+    p.add_argument("datasets", nargs="*", metavar="NAME=PATH", help="datasets (JSONL manifest or pyiqa-style CSV)")
+    p.add_argument("--data", action="append", default=[], metavar="NAME=PATH", help="a dataset; repeatable")
+    p.add_argument("--root", action="append", default=[], metavar="[NAME=]DIR",
+                   help="image directory: DIR for every dataset, or NAME=DIR for one; repeatable "
+                        "(default: the label file's directory)")
+    p.add_argument("--split", default=None, help="keep only this split where the file has a split column (e.g. test)")
+    p.add_argument("--skip-missing", action="store_true", help="drop rows whose image file is missing (counted)")
+    p.add_argument("--limit", type=int, default=None, help="first N rows per dataset (after --split), for quick checks")
+    # sampling
+    p.add_argument("--samples", type=int, default=8, help="completions per image; its score is their valid mean. "
+                   "--samples 1 --temperature 0 is greedy")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="a completion cut off before its answer is invalid")
+    p.add_argument("--no-think", action="store_true", help="prompt without the reasoning suffix of Table 1")
+    p.add_argument("--prompts", default=None, help="JSON file overriding prompts of Table 1 (keys 'score', 'suffix')")
+    p.add_argument("--batch-images", type=int, default=8, help="images per sampler call (x --samples sequences)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: this rank's GPU, else cpu")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    # output
+    p.add_argument("--out", default="runs/eval", help="directory for scores.jsonl, report.json, run.json")
+    p.add_argument("--plcc", choices=["logistic", "raw"], default="logistic",
+                   help="PLCC after the DeQA-Score 4-parameter logistic mapping (paper), or plain Pearson")
+    p.add_argument("--baseline", default=None,
+                   help="another run's report.json: adds the relative change (%%) of each figure, as in Table 2")
+    p.add_argument("--save-text", action="store_true", help="keep the completions in scores.jsonl")
+    args = p.parse_args(argv)
+    if args.samples < 1 or args.batch_images < 1:
+        p.error("--samples and --batch-images must be at least 1")
+    if not args.datasets + args.data:
+        p.error("give at least one dataset, NAME=PATH")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = dist_setup()
+    specs = [split_name(spec) for spec in args.datasets + args.data]
+    specs = [(name or os.path.splitext(os.path.basename(path))[0], path) for name, path in specs]
+    names = [n for n, _ in specs]
+    roots = dict(split_name(spec) for spec in args.root)  # None: the root of every dataset not named
+    if len(set(names)) != len(names) or len(roots) != len(args.root) or set(roots) - set(names) - {None}:
+        raise ValueError(f"dataset names must differ and each --root name once, matching a dataset: datasets "
+                         f"{names}, --root {args.root}")
+    datasets = [load_dataset(n, path, roots.get(n, roots.get(None)), args.split, args.limit, args.skip_missing)
+                for n, path in specs]
+    prompts = load_prompts(args.prompts)
+    baseline = None
+    if args.baseline:
+        with open(args.baseline) as f:
+            baseline = json.load(f)
+
+    # settings that decide the scores: a resumed run must use the same ones, or its rows would mix two runs
+    os.makedirs(args.out, exist_ok=True)
+    settings = dict(model=args.model, prompt=prompt_text(prompts, "score", not args.no_think), samples=args.samples,
+                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed)
+    run_file = os.path.join(args.out, "run.json")
+    if os.path.exists(run_file):
+        with open(run_file) as f:
+            old = json.load(f)
+        changed = sorted(k for k in settings if old.get(k) != settings[k])
+        if changed:
+            raise ValueError(f"{args.out} holds a run with other settings ({', '.join(changed)}); use a fresh --out")
+    elif rank == 0:
+        write_atomic(run_file, json.dumps(settings, indent=2) + "\n")
+
+    # --- resume: skip every (dataset, line) already scored
+    results = read_results(args.out)
+    for ds in datasets:
+        for r in ds["rows"]:
+            old = results.get((ds["name"], r["line"]))
+            if old is not None and old["image"] != r["image"]:
+                raise ValueError(f"{args.out}: {ds['name']} line {r['line']} was {old['image']}, now {r['image']}: "
+                                 f"the label file changed; use a fresh --out")
+    todo = [r for ds in datasets for r in ds["rows"] if (r["dataset"], r["line"]) not in results]
+    if world > 1:
+        dist.barrier()  # every rank has read the same finished set before any rank appends to it
+    part = os.path.join(args.out, f"scores.rank{rank}.jsonl")
+    drop_torn_tail(part)
+    mine = shard(todo, rank, world)
+    total = sum(len(ds["rows"]) for ds in datasets)
+    print0(f"{total} images in {len(datasets)} datasets, {total - len(todo)} already scored in {args.out}; "
+           f"{len(todo)} x {args.samples} samples = {len(todo) * args.samples} completions on {world} rank(s), "
+           f"{args.batch_images} images x {args.samples} = {args.batch_images * args.samples} sequences per batch")
+
+    # --- score this rank's share, appending each finished batch
+    if mine:
+        model, tokenizer, image_cfg = load_model(args.model, args.device or device, args.dtype)
+        bar = tqdm(total=len(mine), disable=rank != 0, desc="scoring", unit="img")
+        for i in range(0, len(mine), args.batch_images):
+            batch = mine[i:i + args.batch_images]
+            append_jsonl(part, score_batch(model, tokenizer, image_cfg, prompts, batch, args))
+            bar.update(len(batch))
+        bar.close()
+
+    # --- rank 0: merge, correlate, report
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        results = merge_results(args.out, names)
+        report = build_report(datasets, results, settings, args.plcc, baseline)
+        write_atomic(os.path.join(args.out, "report.json"), json.dumps(report, indent=2) + "\n")
+        print(format_table(report))
+        print(json.dumps({name: {m: d[m] for m in ("n", "plcc", "srcc")}
+                          for name, d in dict(report["datasets"], WAVG=report["wavg"]).items()}), flush=True)
+    dist_cleanup()
+
+
+if __name__ == "__main__":
+    main()

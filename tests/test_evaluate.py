@@ -1,0 +1,269 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import scipy.stats
+from PIL import Image
+
+import evaluate
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+PYIQA = os.path.join(SHARED, "pyiqa-meta")
+BIQ = os.path.join(SHARED, "biq2021-mini")
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return str(path)
+
+
+def make_images(dirpath, n, size=56):
+    rng = np.random.default_rng(0)
+    os.makedirs(dirpath, exist_ok=True)
+    names = []
+    for i in range(n):
+        names.append(f"img{i}.png")
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(os.path.join(dirpath, names[-1]))
+    return names
+
+
+def manifest(tmp_path, n):
+    names = make_images(tmp_path / "images", n)
+    return write(tmp_path / "set.jsonl", "".join(json.dumps({"image": f"images/{name}", "mos": 10.0 * i}) + "\n"
+                                                 for i, name in enumerate(names)))
+
+
+# --- metrics
+
+def test_pearson_and_spearman_equal_scipy_with_ties():
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        x = np.round(rng.normal(size=200), 1)  # rounding makes ties
+        y = x + rng.normal(size=200)
+        y[::7] = y[0]
+        assert evaluate.pearson(x, y) == pytest.approx(scipy.stats.pearsonr(x, y)[0], abs=1e-12)
+        assert evaluate.spearman(x, y) == pytest.approx(scipy.stats.spearmanr(x, y)[0], abs=1e-12)
+
+
+def test_logistic_fit_recovers_a_known_monotone_curve():
+    rng = np.random.default_rng(2)
+    true = np.array([80.0, 10.0, 3.0, 0.4])
+    x = rng.uniform(1, 5, 400)
+    y = evaluate.logistic4(x, *true) + rng.normal(0, 0.5, 400)
+    params = evaluate.fit_logistic(x, y)
+    params[3] = abs(params[3])
+    assert np.allclose(params, true, rtol=0.05)
+    out = evaluate.correlate(x, y, "logistic")
+    assert out["plcc_method"] == "logistic" and out["plcc"] > 0.999
+    assert out["plcc"] > evaluate.correlate(x, y, "raw")["plcc"]  # the mapping straightens the curve
+
+
+def test_failed_logistic_fit_falls_back_to_raw_pearson_and_says_so(monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("Optimal parameters not found")
+    monkeypatch.setattr(evaluate, "curve_fit", fail)
+    x, y = np.arange(10.0), np.arange(10.0) ** 2
+    out = evaluate.correlate(x, y, "logistic")
+    assert out["plcc"] == pytest.approx(scipy.stats.pearsonr(x, y)[0])
+    assert out["plcc_method"].startswith("raw (logistic fit failed: Optimal parameters not found")
+
+
+def test_correlation_is_undefined_for_too_few_or_constant_scores():
+    assert evaluate.correlate([1, 2], [1, 2])["plcc"] is None
+    assert evaluate.correlate([3, 3, 3, 3], [1, 2, 3, 4])["srcc"] is None
+
+
+# --- scoring
+
+def test_image_score_is_the_mean_of_valid_scores_and_none_when_all_invalid():
+    out = evaluate.aggregate(["<think>ok</think> \\boxed{4.00}", "no answer", "boxed{2}", "\\boxed{7}"])
+    assert out["scores"] == [4.0, None, 2.0, None]
+    assert out["score"] == 3.0 and out["std"] == 1.0
+    assert evaluate.aggregate(["\\boxed{3.5}"]) == dict(scores=[3.5], score=3.5, std=None)
+    assert evaluate.aggregate(["nothing", "\\boxed{}"])["score"] is None
+
+
+# --- datasets
+
+def test_no_reference_csv_matches_columns_case_insensitively_and_filters_split(tmp_path):
+    make_images(tmp_path, 3)
+    path = write(tmp_path / "spaq.csv", "Image name,MOS,Official_Split\nimg0.png,48.5,train\nimg1.png,62,test\n"
+                                        "img2.png,20,TEST\nimg1.png,61,test\n")
+    ds = evaluate.load_dataset("spaq", path, split="test")
+    assert [(r["line"], r["image"], r["mos"]) for r in ds["rows"]] == [(3, "img1.png", 62.0), (4, "img2.png", 20.0),
+                                                                      (5, "img1.png", 61.0)]  # a repeat stays a row
+    assert ds["rows"][0]["path"] == os.path.join(str(tmp_path), "img1.png") and not ds["flipped"]
+    with pytest.raises(ValueError, match=r"no rows of split 'val'.*\['TEST', 'test', 'train'\]"):
+        evaluate.load_dataset("spaq", path, split="val")
+
+
+def test_numeric_split_codes_are_pyiqa_train_val_test(tmp_path):
+    make_images(tmp_path, 4)
+    path = write(tmp_path / "koniq.csv", "img_name,mos,std,split\nimg0.png,70,1,0\nimg1.png,60,1,2\n"
+                                         "img2.png,50,1,1\nimg3.png,40,1,2\n")
+    assert [r["image"] for r in evaluate.load_dataset("k", path, split="test")["rows"]] == ["img1.png", "img3.png"]
+    assert len(evaluate.load_dataset("k", path)["rows"]) == 4
+    assert len(evaluate.load_dataset("k", path, split="test", limit=1)["rows"]) == 1
+
+
+def test_full_reference_csv_scores_the_distorted_image_and_flips_dmos(tmp_path):
+    make_images(tmp_path / "dst", 2)
+    path = write(tmp_path / "csiq.csv", "ref_name,dist_name,DMOS\nref.png,img0.png,0.06\nref.png,img1.png,0.2\n")
+    ds = evaluate.load_dataset("csiq", path, root=str(tmp_path / "dst"), split="test")
+    assert ds["flipped"] and ds["score_column"] == "dmos"
+    assert [(r["image"], r["mos"]) for r in ds["rows"]] == [("img0.png", -0.06), ("img1.png", -0.2)]
+    assert "no split column" in ds["split"]
+
+
+def test_jsonl_manifest_paths_are_relative_to_the_manifest(tmp_path):
+    ds = evaluate.load_dataset("set", manifest(tmp_path, 3))
+    assert [r["path"] for r in ds["rows"]] == [os.path.join(str(tmp_path), f"images/img{i}.png") for i in range(3)]
+    assert [r["mos"] for r in ds["rows"]] == [0.0, 10.0, 20.0] and not ds["flipped"]
+
+
+@pytest.mark.parametrize("name,text,error", [
+    ("a.csv", "img_name,mos\nimg0.png,3\nimg1.png,high\n", r"a\.csv:3: mos 'high' is not a number"),
+    ("b.csv", "img_name,mos\nimg0.png,3\n\nimg1.png\n", r"b\.csv:4: 1 fields, the header has 2"),
+    ("c.csv", "name,quality\nimg0.png,3\n", r"c\.csv: header .* needs an image column"),
+    ("d.jsonl", '{"image": "img0.png", "mos": 3}\n{"image": "img1.png"}\n', r"d\.jsonl:2: mos None is not a number"),
+    ("e.jsonl", '{"image": "img0.png", "mos": 3}\n{"image": \n', r"e\.jsonl:2: malformed JSON line"),
+])
+def test_a_malformed_row_fails_with_its_file_and_line(tmp_path, name, text, error):
+    make_images(tmp_path, 2)
+    with pytest.raises(ValueError, match=error):
+        evaluate.load_dataset("x", write(tmp_path / name, text))
+
+
+def test_missing_images_fail_listing_them_unless_skipped(tmp_path):
+    make_images(tmp_path, 2)
+    path = write(tmp_path / "l.csv", "img_name,mos\nimg0.png,1\ngone1.png,2\nimg1.png,3\ngone2.png,4\n")
+    with pytest.raises(ValueError, match=r"2 of 4 image files are missing, e\.g\. \[.*gone1\.png.*gone2\.png"):
+        evaluate.load_dataset("l", path)
+    ds = evaluate.load_dataset("l", path, skip_missing=True)
+    assert [r["image"] for r in ds["rows"]] == ["img0.png", "img1.png"] and ds["missing"] == 2
+
+
+@pytest.mark.skipif(not os.path.isdir(PYIQA), reason="../shared/data/pyiqa-meta is absent")
+def test_every_real_pyiqa_label_file_loads_with_its_direction():
+    lower = {"meta_info_CSIQDataset.csv", "meta_info_LIVEMDDataset.csv", "meta_info_LIVEIQADataset.csv"}
+    files = sorted(f for f in os.listdir(PYIQA) if f.endswith(".csv"))
+    assert files
+    for name in files:
+        path = os.path.join(PYIQA, name)
+        records, column, split_col = evaluate.read_csv_labels(path)
+        assert len(records) > 100, name
+        assert evaluate.lower_is_better(path, column) == (name in lower), name
+    koniq, _, split_col = evaluate.read_csv_labels(os.path.join(PYIQA, "meta_info_KonIQ10kDataset.csv"))
+    assert split_col == "split" and sum(evaluate.SPLIT_CODES.get(r[3]) == "test" for r in koniq) == 2015
+
+
+@pytest.mark.skipif(not os.path.isdir(BIQ), reason="../shared/data/biq2021-mini is absent")
+def test_real_photos_with_mos_load():
+    ds = evaluate.load_dataset("biq", os.path.join(BIQ, "labels.csv"), root=os.path.join(BIQ, "images"))
+    assert len(ds["rows"]) == 300 and all(0 <= r["mos"] <= 1 for r in ds["rows"])
+
+
+# --- the run: resume, merge, report (scoring stubbed), then the tiny model end to end
+
+def stub_scoring(monkeypatch, calls):
+    """score_batch without a model: each image gets two valid scores that follow its MOS, one invalid."""
+    def score_batch(model, tokenizer, image_cfg, prompts, rows, args):
+        calls.extend(r["line"] for r in rows)
+        return [r | evaluate.aggregate([f"\\boxed{{{1 + r['mos'] / 20 + d:.2f}}}" for d in (0.0, 0.5)] + ["?"])
+                for r in rows]
+    monkeypatch.setattr(evaluate, "score_batch", score_batch)
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: (None, None, None))
+
+
+def test_resume_scores_only_unfinished_images_and_merges_in_order(tmp_path, monkeypatch, capsys):
+    data, out = manifest(tmp_path, 6), tmp_path / "out"
+    argv = [f"set={data}", "--out", str(out), "--batch-images", "2", "--samples", "3"]
+    calls = []
+    stub_scoring(monkeypatch, calls)
+    evaluate.main(argv)
+    rows = evaluate.read_jsonl(out / "scores.jsonl")
+    assert calls == [1, 2, 3, 4, 5, 6] and [r["line"] for r in rows] == calls
+    # a killed run: two rows merged, two in another rank's part file, two never written (one torn mid-line in
+    # the part file this run appends to: the new rows must not glue onto it)
+    evaluate.write_jsonl_atomic(out / "scores.jsonl", rows[:2])
+    write(out / "scores.rank1.jsonl", "".join(json.dumps(r) + "\n" for r in rows[4:6]))
+    write(out / "scores.rank0.jsonl", json.dumps(rows[2])[:30])
+    calls.clear()
+    evaluate.main(argv)
+    assert sorted(calls) == [3, 4]
+    assert evaluate.read_jsonl(out / "scores.jsonl") == rows
+    assert sorted(os.listdir(out)) == ["report.json", "run.json", "scores.jsonl"]
+    calls.clear()
+    evaluate.main(argv)  # nothing left to do: no model, same report
+    assert calls == [] and "6 already scored" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="other settings \\(samples\\)"):
+        evaluate.main(argv[:-1] + ["4"])
+
+
+def test_report_table_and_baseline_relative_change(tmp_path, monkeypatch, capsys):
+    data, out = manifest(tmp_path, 6), tmp_path / "out"
+    stub_scoring(monkeypatch, [])
+    baseline = dict(datasets={"set": dict(plcc=0.5, srcc=0.8)}, wavg=dict(plcc=0.5, srcc=0.8))
+    write(tmp_path / "base.json", json.dumps(baseline))
+    evaluate.main([f"set={data}", "--out", str(out), "--plcc", "raw", "--baseline", str(tmp_path / "base.json")])
+    report = json.loads((out / "report.json").read_text())
+    d = report["datasets"]["set"]
+    assert (d["n"], d["invalid"], d["plcc_method"]) == (6, 0, "raw")
+    assert d["plcc"] == pytest.approx(1.0) and d["srcc"] == pytest.approx(1.0) and d["spread"] == pytest.approx(0.25)
+    assert report["wavg"]["plcc"] == pytest.approx(1.0)
+    assert report["baseline"]["set"]["plcc"] == pytest.approx(100.0)  # 1.0 over 0.5
+    assert report["baseline"]["WAVG"]["srcc"] == pytest.approx(25.0)  # 1.0 over 0.8
+    printed = capsys.readouterr().out
+    assert "1.000 (+100.0%)" in printed and "1.000 (+25.0%)" in printed and "raw Pearson" in printed
+    assert json.loads(printed.strip().splitlines()[-1])["set"]["n"] == 6
+
+
+def test_datasets_are_named_after_their_file_and_roots_go_by_name(tmp_path, monkeypatch, capsys):
+    first = manifest(tmp_path / "a", 3)
+    make_images(tmp_path / "elsewhere", 3)
+    second = write(tmp_path / "b.csv", "img_name,dmos\nimg0.png,3\nimg1.png,2\nimg2.png,1\n")
+    stub_scoring(monkeypatch, [])
+    evaluate.main([first, "--data", f"b={second}", "--root", f"b={tmp_path / 'elsewhere'}",
+                   "--out", str(tmp_path / "o")])
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert list(report["datasets"]) == ["set", "b"] and report["wavg"]["n"] == 6
+    assert report["datasets"]["set"]["plcc_method"].startswith("raw (logistic fit failed")  # 3 points, 4 parameters
+    assert report["datasets"]["b"]["flipped"] and report["datasets"]["b"]["srcc"] == pytest.approx(1.0)
+    assert "b: 'dmos' is lower-is-better" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="match"):
+        evaluate.main([first, "--root", f"c={tmp_path}", "--out", str(tmp_path / "o")])
+
+
+def test_tiny_model_end_to_end_is_batching_independent(tmp_path):
+    data = manifest(tmp_path, 5)
+    texts = []
+    for batch in ("2", "5"):
+        out = tmp_path / f"out{batch}"
+        evaluate.main([f"set={data}", "--model", "tiny", "--samples", "2", "--max-new-tokens", "8", "--save-text",
+                       "--batch-images", batch, "--out", str(out)])
+        rows = evaluate.read_jsonl(out / "scores.jsonl")
+        assert [r["line"] for r in rows] == [1, 2, 3, 4, 5]
+        assert all(len(r["scores"]) == 2 and len(r["texts"]) == 2 for r in rows)
+        for r in rows:  # the image's score is the mean of its valid parsed scores, or None
+            valid = [s for s in r["scores"] if s is not None]
+            assert r["score"] == (np.mean(valid) if valid else None)
+        report = json.loads((out / "report.json").read_text())["datasets"]["set"]
+        assert report["invalid"] == sum(r["score"] is None for r in rows) and report["n"] + report["invalid"] == 5
+        texts.append([r["texts"] for r in rows])
+    assert texts[0] == texts[1]  # per-image seeds: the samples do not depend on the batch
+
+
+def test_two_torchrun_ranks_write_the_same_file_as_one_process(tmp_path):
+    import subprocess
+    import sys
+    data, root = manifest(tmp_path, 5), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    flags = [f"set={data}", "--samples", "2", "--max-new-tokens", "8", "--save-text"]
+    evaluate.main(flags + ["--out", str(tmp_path / "one")])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "evaluate.py", *flags, "--batch-images", "2", "--out", str(tmp_path / "two")],
+                   cwd=root, env=env, check=True, capture_output=True, timeout=120)
+    assert sorted(os.listdir(tmp_path / "two")) == ["report.json", "run.json", "scores.jsonl"]
+    assert (tmp_path / "one" / "scores.jsonl").read_text() == (tmp_path / "two" / "scores.jsonl").read_text()
