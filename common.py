@@ -383,13 +383,11 @@ def stop_ids(tokenizer):
                   ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
 
 
-def next_token(logits, temperature, top_p, top_k, generators, counts):
-    """
-    Greedy at temperature 0, else a draw from softmax(logits / T) restricted to the top-k / top-p set.
-    generators[i] draws for the next counts[i] rows, so a request's samples depend on its own seed only.
-    """
+def token_probs(logits, temperature, top_p=1.0, top_k=0):
+    """The sampler's next-token distribution: one-hot on the argmax at temperature 0, else softmax(logits / T)
+    restricted to the top-k tokens and to the smallest set whose mass reaches top_p."""
     if temperature == 0:
-        return logits.argmax(-1)
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     logits = logits.float() / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
@@ -397,9 +395,17 @@ def next_token(logits, temperature, top_p, top_k, generators, counts):
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
-    probs = logits.softmax(-1)
+    return logits.softmax(-1)
+
+
+def next_token(logits, temperature, top_p, top_k, generators, counts):
+    """Greedy at temperature 0, else a draw from token_probs. generators[i] draws for the next counts[i] rows, so
+    a request's samples depend on its own seed only."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = token_probs(logits, temperature, top_p, top_k)
     if len(generators) == 1:
         return torch.multinomial(probs, 1, generator=generators[0]).squeeze(-1)
     return torch.cat([torch.multinomial(p, 1, generator=g).squeeze(-1)
@@ -512,6 +518,13 @@ def read_partial_jsonl(path):
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: malformed JSON line: {e.msg}") from None
     return rows
+
+
+def drop_torn_tail(path):
+    """Cut the unfinished last line a kill may leave in a file being appended to, before appending again."""
+    if os.path.exists(path):
+        with open(path, "rb+") as f:
+            f.truncate(f.read().rfind(b"\n") + 1)
 
 
 def write_atomic(path, text):

@@ -46,7 +46,7 @@ from scipy.optimize import OptimizeWarning, curve_fit
 from scipy.stats import rankdata
 from tqdm import tqdm
 
-from common import (append_jsonl, dist_cleanup, dist_setup, encode_prompt, load_image, load_model, load_prompts,
+from common import (append_jsonl, dist_cleanup, dist_setup, drop_torn_tail, encode_prompt, load_image, load_model, load_prompts,
                     parse_score, preprocess_image, print0, prompt_text, read_jsonl, read_partial_jsonl, sample, shard,
                     stable_seed, write_atomic, write_jsonl_atomic)
 
@@ -234,13 +234,6 @@ def read_results(out):
     for part in sorted(glob.glob(os.path.join(out, "scores.rank*.jsonl"))):
         rows += read_partial_jsonl(part)
     return {(r["dataset"], r["line"]): r for r in rows}
-
-
-def drop_torn_tail(path):
-    """Cut an unfinished last line (a run killed mid-write), so new rows do not glue onto it."""
-    if os.path.exists(path):
-        with open(path, "rb+") as f:
-            f.truncate(f.read().rfind(b"\n") + 1)
 
 
 def merge_results(out, names):
