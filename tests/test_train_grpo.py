@@ -1,0 +1,335 @@
+import inspect
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+import train_grpo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """2 shared cores: one intra-op thread is faster for the tiny model and leaves a core to others."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def phi(t):
+    return 0.5 * (1 + math.erf(t / math.sqrt(2)))
+
+
+def write_labels(d, n_pairs=4, ps=(1.0, 0.0, 0.5, 1.0)):
+    rng = np.random.default_rng(0)
+    for i in range(2 * n_pairs):
+        Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(d / f"img{i}.png")
+    rows = [dict(i=j, a=f"img{2 * j}.png", b=f"img{2 * j + 1}.png", wins_a=3, wins_b=1, invalid=0, k=4, p=ps[j % len(ps)])
+            for j in range(n_pairs)]
+    (d / "votes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d / "votes.jsonl"
+
+
+def vowel_reward(texts, partners, gamma):
+    """A text reward the tiny (random) model can move: the share of vowels; every rollout counts as valid."""
+    r = {x: np.array([sum(ch in "aeiou" for ch in t) / max(len(t), 1) for t in ts]) for x, ts in texts.items()}
+    return r, {x: [3.0] * len(ts) for x, ts in texts.items()}
+
+
+# the CLI runs in a subprocess (torchrun for 2 ranks) with the reward replaced the same way
+PATCH = f"""
+import sys
+sys.path.insert(0, {ROOT!r})
+import numpy as np
+import train_grpo
+
+{inspect.getsource(vowel_reward)}
+train_grpo.rollout_rewards = vowel_reward
+train_grpo.main()
+"""
+
+
+# -----------------------------------------------------------------------------
+# reward (Eq. 2-3) and advantage (Eq. 4) against values computed by hand
+
+
+def test_fidelity_rewards_by_hand():
+    g = 1e-6
+    scores = {"x": [3.0, 4.0, None, 2.0], "y": [3.0, 3.0, 5.0, None], "z": [None, 2.5, None, None],
+              "w": [None] * 4, "v": [3.0, 3.5, None, 4.0]}
+    partners = {"x": [("y", 1.0), ("z", 0.5)], "y": [("x", 0.0), ("w", 1.0)], "z": [("x", 0.5)],
+                "w": [("y", 0.0)], "v": [("w", 1.0)]}
+    r = train_grpo.fidelity_rewards(scores, partners, g)
+    var_x, mu_y, var_y = 2 / 3, 11 / 3, 8 / 9  # valid scores only; population variance
+    fx = []
+    for q in (3.0, 4.0, 2.0):
+        f_y = math.sqrt(phi((q - mu_y) / math.sqrt(var_x + var_y + g)))  # p* = 1
+        pz = phi((q - 2.5) / math.sqrt(var_x + 0 + g))  # z has one valid score: variance 0; p* = 0.5 (tie)
+        f_z = math.sqrt(0.5 * pz) + math.sqrt(0.5 * (1 - pz))
+        fx.append((f_y + f_z) / 2)
+    np.testing.assert_allclose(r["x"], [fx[0], fx[1], 0.0, fx[2]], atol=1e-12)  # invalid rollout: reward 0
+    # y's partner w has no valid score and is skipped: the mean is over x alone (p* = 0)
+    fy = [math.sqrt(1 - phi((q - 3.0) / math.sqrt(var_y + var_x + g))) for q in (3.0, 3.0, 5.0)]
+    np.testing.assert_allclose(r["y"], fy + [0.0], atol=1e-12)
+    # z: its own single valid score has variance 0
+    pz = phi((2.5 - 3.0) / math.sqrt(0 + var_x + g))
+    np.testing.assert_allclose(r["z"], [0, math.sqrt(0.5 * pz) + math.sqrt(0.5 * (1 - pz)), 0, 0], atol=1e-12)
+    np.testing.assert_array_equal(r["w"], 0.0)  # no valid score of its own
+    np.testing.assert_array_equal(r["v"], 0.0)  # every partner skipped
+    np.testing.assert_array_equal(train_grpo.advantages(r["v"]), 0.0)
+
+
+def test_partners_swap_the_preference():
+    pairs = [dict(a="x", b="y", p=1.0), dict(a="x", b="z", p=0.5)]
+    assert train_grpo.partners_of(pairs) == {"x": [("y", 1.0), ("z", 0.5)], "y": [("x", 0.0)], "z": [("x", 0.5)]}
+
+
+def test_advantages_by_hand():
+    r = [1.0, 2.0, 3.0, 0.0]  # the 0 is an invalid rollout: part of the group
+    np.testing.assert_allclose(train_grpo.advantages(r), (np.array(r) - 1.5) / math.sqrt(1.25))
+    for flat in ([0.7] * 4, [0.0] * 4, [0.1 + 0.2] * 3):
+        a = train_grpo.advantages(flat)
+        assert np.all(a == 0) and not np.isnan(a).any()
+
+
+def test_groups_stay_whole_and_ranks_split_the_global_batch(tmp_path):
+    write_labels(tmp_path, n_pairs=6)
+    rows = [dict(a=f"img{i}.png", b=f"img{j}.png", p=1, ref_a=r, ref_b=r)
+            for i, j, r in ((0, 1, "r0"), (0, 2, "r0"), (1, 2, "r0"), (3, 4, "r1"), (5, 6, "r2"), (6, 7, "r2"))]
+    rows.append(dict(a="img8.png", b="img9.png", p=0.5))  # no reference: a group of its own
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    units = train_grpo.make_units(train_grpo.load_labels([str(tmp_path / "g.jsonl")]), by_groups=True)
+    assert sorted(map(len, units)) == [1, 1, 2, 3]
+    for step in range(2):
+        one = train_grpo.step_pairs(units, 2, 1, 0, seed=0, step=step)
+        two = [train_grpo.step_pairs(units, 1, 2, r, seed=0, step=step) for r in range(2)]
+        assert sorted(map(id, one)) == sorted(id(p) for share in two for p in share)
+        for share in two:  # a rank gets whole groups
+            assert len({p["group"] for p in share}) == 1
+
+
+# -----------------------------------------------------------------------------
+# log-probs and the loss
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return common.load_model("tiny", "cpu", "float32")
+
+
+def test_completion_logprobs_match_transformers_positions(tiny):
+    model, tok, cfg = tiny
+    rng = np.random.default_rng(1)
+    images = {k: common.preprocess_image(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)), cfg)
+              for k, (h, w) in {"sq": (56, 56), "wide": (56, 112)}.items()}
+    prompts = common.load_prompts()
+    rows = [(common.encode_prompt(tok, prompts, "score", [images[k][1]]), k, comp)
+            for k, comp in (("sq", [10, 11, 12, 13, 14]), ("wide", [20, 21]))]
+    with torch.no_grad():
+        logp, mask = train_grpo.completion_logprobs(model, rows, images, temperature=0.7)
+        for b, (prompt, key, comp) in enumerate(rows):
+            ids = torch.tensor([prompt + comp])
+            # transformers computes the 3-D positions itself when given mm_token_type_ids
+            ref = model(input_ids=ids, pixel_values=images[key][0], image_grid_thw=torch.tensor([images[key][1]]),
+                        mm_token_type_ids=(ids == model.config.image_token_id).int()).logits[0]
+            want = torch.log_softmax(ref / 0.7, -1)[len(prompt) - 1:-1].gather(1, torch.tensor(comp)[:, None])[:, 0]
+            torch.testing.assert_close(logp[b, :len(comp)], want, atol=1e-5, rtol=0)
+            assert mask[b].sum() == len(comp) and logp[b, len(comp):].abs().sum() == 0
+
+
+def test_grpo_loss_by_hand():
+    logp = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.5]]))
+    old = torch.log(torch.tensor([[0.25, 0.5], [0.25, 0.5]]))  # token 0: ratio 2
+    ref = logp + torch.tensor([[0.0, 0.0], [math.log(2), 0.0]])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    loss, kl, clip = train_grpo.grpo_loss(logp, old, ref, torch.tensor([1.0, -1.0]), mask, clip_eps=0.2, beta=0.1)
+    k3 = 2 - math.log(2) - 1
+    # row 0: only token 0 counts, min(2 * 1, 1.2 * 1) = 1.2; row 1: min(-2, -1.2) = -2 then ratio 1 -> -1
+    want = -1.2 + ((2 + 0.1 * k3) + 1) / 2
+    assert loss.item() == pytest.approx(want, abs=1e-6)
+    torch.testing.assert_close(kl, torch.tensor([0.0, k3 / 2]))
+    torch.testing.assert_close(clip, torch.tensor([1.0, 0.5]))
+
+
+def _logp(model, rows, images):
+    with torch.no_grad():
+        lp, mask = train_grpo.completion_logprobs(model, rows, images, 1.0)
+    return (lp.sum(1) / mask.sum(1)).tolist()
+
+
+def _setup_rows(tiny):
+    model, tok, cfg = tiny
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 255, (56, 56, 3), dtype=np.uint8))
+    images = {"a": common.preprocess_image(img, cfg)}
+    prompt = common.encode_prompt(tok, common.load_prompts(), "score", [images["a"][1]])
+    return [(prompt, "a", [30, 31, 32]), (prompt, "a", [40, 41])], images
+
+
+def test_one_step_raises_positive_and_lowers_negative_advantage(tiny):
+    rows, images = _setup_rows(tiny)
+    model, _, _ = common.load_model("tiny", "cpu", "float32")
+    before = _logp(model, rows, images)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    logp, mask = train_grpo.completion_logprobs(model, rows, images, 1.0)
+    loss, _, _ = train_grpo.grpo_loss(logp, logp.detach(), logp.detach(), torch.tensor([1.0, -1.0]), mask, 0.2, 0.05)
+    (loss / 2).backward()
+    opt.step()
+    after = _logp(model, rows, images)
+    assert after[0] > before[0] + 1e-3 and after[1] < before[1] - 1e-3
+
+
+def test_kl_pulls_a_drifted_policy_back(tiny):
+    rows, images = _setup_rows(tiny)
+    ref = tiny[0]
+    model, _, _ = common.load_model("tiny", "cpu", "float32")
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.1 * torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0)))
+    ref_lp, _ = train_grpo.completion_logprobs(ref, rows, images, 1.0)
+    ref_lp = ref_lp.detach()
+
+    def kl():
+        lp, mask = train_grpo.completion_logprobs(model, rows, images, 1.0)
+        return train_grpo.grpo_loss(lp, lp.detach(), ref_lp, torch.zeros(2), mask, 0.2, 0.05)
+
+    before = kl()[1].sum().item()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    kl()[0].backward()  # zero advantages: only the beta * KL term moves the weights
+    opt.step()
+    after = kl()[1].sum().item()
+    assert before > 0.01 and after < 0.9 * before, (before, after)
+
+
+# -----------------------------------------------------------------------------
+# bad input fails before any training
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "image 'b' not found"),
+    ("malformed", "malformed JSON line"),
+    ("p", "p must be 0, 0.5 or 1"),
+    ("k", "--k must be at least 2"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, case, message):
+    labels = write_labels(tmp_path)
+    text = labels.read_text()
+    if case == "missing":
+        labels.write_text(text + json.dumps(dict(a="img0.png", b="nope.png", p=1)) + "\n")
+    elif case == "malformed":
+        labels.write_text(text + "{not json\n")
+    elif case == "p":
+        labels.write_text(text + json.dumps(dict(a="img0.png", b="img1.png", p=0.7)) + "\n")
+    argv = ["--labels", str(labels), "--out", str(tmp_path / "run"), "--k", "1" if case == "k" else "4"]
+    with pytest.raises((ValueError, SystemExit), match=message):
+        train_grpo.main(argv)
+    assert not (tmp_path / "run").exists()  # failed before anything was written
+
+
+# -----------------------------------------------------------------------------
+# the loop learns, checkpoints round-trip, FSDP matches one process, resume matches an uninterrupted run
+
+
+def test_loop_learns_a_text_reward(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_grpo, "rollout_rewards", vowel_reward)
+    labels = write_labels(tmp_path)
+    train_grpo.main(["--labels", str(labels), "--out", str(tmp_path / "run"), "--k", "8", "--max-new-tokens", "8",
+                     "--batch-pairs", "1", "--lr", "1e-2", "--beta", "0", "--epochs", "10", "--max-steps", "30",
+                     "--save-every", "0"])
+    r = [json.loads(line)["reward_mean"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert len(r) == 30 and np.mean(r[-5:]) > np.mean(r[:5]) + 0.1, r
+
+
+def test_checkpoint_round_trip(tmp_path, tiny):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model, tok, cfg = common.load_model("tiny", "cpu", "float32")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    opt = torch.optim.AdamW(model.parameters())
+    train_grpo.save(str(tmp_path), 3, model, opt, tok, cfg, 1, 0, dict(step=3))
+    d = str(tmp_path / "step_3")
+    assert train_grpo.latest_checkpoint(str(tmp_path)) == d
+    assert not any(n.startswith(".") for n in os.listdir(tmp_path))  # no partial directory left behind
+    ids = torch.tensor([tok.encode("boxed{3.25} <think>")])
+    want = model(input_ids=ids).logits
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(d)
+    ours, _, cfg2 = common.load_model(d, "cpu", "float32")
+    torch.testing.assert_close(hf(input_ids=ids).logits, want, atol=0, rtol=0)
+    torch.testing.assert_close(ours(input_ids=ids).logits, want, atol=0, rtol=0)
+    assert cfg2 == cfg
+    # a checkpoint without its train_state.pt (killed while writing) is never picked up
+    os.makedirs(tmp_path / "step_9")
+    assert train_grpo.latest_checkpoint(str(tmp_path)) == d
+
+
+def _run(tmp_path, out, extra, nproc=1, kill_at=None):
+    script = tmp_path / "patched.py"
+    script.write_text(PATCH)
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [])
+    cmd = launch + [str(script), "--labels", str(tmp_path / "votes.jsonl"), "--out", str(out), "--k", "4",
+                    "--max-new-tokens", "6", "--lr", "1e-3", "--epochs", "2", "--micro-batch", "3", "--seed", "1"] + extra
+    if kill_at is None:
+        p = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return
+    p = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (out / kill_at).is_dir() and p.poll() is None:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
+def _weights(run):
+    return common.load_model(str(run / "final"), "cpu", "float32")[0].state_dict()
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """One process, 2 pairs per step, 4 steps (2 epochs of 4 pairs), 2 updates per batch."""
+    d = tmp_path_factory.mktemp("ref")
+    write_labels(d)
+    _run(d, d / "run", ["--batch-pairs", "2", "--save-every", "1", "--updates-per-batch", "2"])
+    return d / "run"
+
+
+def test_fsdp_two_processes_match_one(tmp_path, reference_run):
+    write_labels(tmp_path)
+    _run(tmp_path, tmp_path / "run", ["--batch-pairs", "1", "--updates-per-batch", "2"], nproc=2)
+    one, two = _weights(reference_run), _weights(tmp_path / "run")
+    init = common.load_model("tiny", "cpu", "float32")[0].state_dict()
+    assert max((one[k] - init[k]).abs().max().item() for k in one) > 1e-3  # the weights did move
+    # fp32 throughout; the only difference is the order of gradient sums across ranks, which AdamW's
+    # normalisation turns into up to ~1e-5 on weights that move ~5e-3 (measured 9.3e-6)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=3e-5, rtol=0, msg=k)
+    m1 = [json.loads(line) for line in open(reference_run / "metrics.jsonl")]
+    m2 = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    for a, b in zip(m1, m2, strict=True):
+        assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-9)
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-4)  # summed in a different order
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path, reference_run):
+    write_labels(tmp_path)
+    out = tmp_path / "run"
+    args = ["--batch-pairs", "2", "--save-every", "1", "--updates-per-batch", "2"]
+    _run(tmp_path, out, args, kill_at="step_2")
+    assert not (out / "final").exists(), "the run finished before it was killed"
+    _run(tmp_path, out, args + ["--resume"])
+    one, resumed = _weights(reference_run), _weights(out)
+    for k in one:
+        torch.testing.assert_close(resumed[k], one[k], atol=1e-6, rtol=0, msg=k)
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]

@@ -1,0 +1,469 @@
+"""
+The online stage of EvoQuality (paper Sec. 3.2, Eq. 2-6, Algorithm 1 lines 6-15): GRPO on vote.py's
+pseudo-labels with the fidelity reward. One run = one round: start from --model, write the evolved model.
+
+    # one 8-GPU node, Qwen2.5-VL-7B; the defaults are the paper's K=32, lr 3e-7, beta 0.05, eps 0.2
+    torchrun --standalone --nproc_per_node=8 train_grpo.py --model Qwen/Qwen2.5-VL-7B-Instruct \
+        --labels round1/votes.jsonl --out round1/ --batch-pairs 4 --max-new-tokens 1024 \
+        --micro-batch 4 --grad-checkpointing --save-every 50
+    # more nodes: torchrun's own flags (--nnodes, --node-rank, --rdzv-endpoint); nothing else changes
+    # single process (one GPU, or CPU), same code without FSDP
+    python train_grpo.py --model Qwen/Qwen2.5-VL-3B-Instruct --labels round1/votes.jsonl --out round1/
+    # a toy run on CPU with the built-in tiny model
+    python train_grpo.py --model tiny --labels /tmp/votes.jsonl --out /tmp/grpo --k 4 --max-new-tokens 16 \
+        --batch-pairs 2 --lr 1e-3
+
+Image paths in a labels file are relative to --image-root (default: that labels file's directory, where
+vote.py's manifest and votes sit). The run writes <out>/metrics.jsonl, <out>/step_<N>/ (a Hugging Face
+model directory plus train_state.pt) and <out>/final -> step_<last>; pass <out>/final as the next round's
+--model. --resume continues from the newest complete step_<N>.
+"""
+
+import argparse
+import math
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import common
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # data
+    ap.add_argument("--model", default="tiny", help="policy init: 'tiny', a checkpoint dir or a hub id")
+    ap.add_argument("--labels", nargs="+", required=True, help="vote.py JSONL file(s)")
+    ap.add_argument("--image-root", help="directory the labels' image paths are relative to (default: each labels file's directory)")
+    ap.add_argument("--prompts", help="JSON file overriding the paper's prompts (Table 1)")
+    ap.add_argument("--batch-pairs", type=int, default=4, help="pairs per step per rank (the paper's B)")
+    ap.add_argument("--batch-groups", type=int, default=0,
+                    help="instead: G whole groups of pairs sharing a reference image per step per rank")
+    ap.add_argument("--epochs", type=int, default=1, help="passes over the pairs")
+    ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
+    # rollouts
+    ap.add_argument("--k", type=int, default=32, help="rollouts per image (paper: K=32)")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=1024)
+    ap.add_argument("--no-think", action="store_true", help="score prompt without the reasoning suffix")
+    ap.add_argument("--gamma", type=float, default=1e-6, help="Eq. 2's variance floor (the paper: 'a small positive constant')")
+    # optimisation
+    ap.add_argument("--clip-eps", type=float, default=0.2, help="Eq. 5's epsilon (paper: 0.2)")
+    ap.add_argument("--beta", type=float, default=0.05, help="KL weight of Eq. 5 (paper: 0.05)")
+    ap.add_argument("--lr", type=float, default=3e-7, help="AdamW learning rate, decayed linearly to 0 (paper: 3e-7)")
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
+    ap.add_argument("--updates-per-batch", type=int, default=1, help="optimiser steps per rollout batch")
+    ap.add_argument("--micro-batch", type=int, default=8, help="completions per forward/backward")
+    ap.add_argument("--seed", type=int, default=0)
+    # distributed/memory
+    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--device", help="default: cuda (the rank's GPU) when available, else cpu")
+    ap.add_argument("--dtype", default="float32", help="master weights (FSDP on CUDA computes in bf16)")
+    # output
+    ap.add_argument("--out", required=True, help="run directory")
+    ap.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest complete <out>/step_<N>")
+    args = ap.parse_args(argv)
+    if args.k < 2:
+        raise SystemExit(f"--k must be at least 2 (Eq. 4 standardises within an image's K rollouts), got {args.k}")
+    for name in ("batch_pairs", "epochs", "updates_per_batch", "micro_batch", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.gamma <= 0:
+        raise SystemExit(f"--gamma must be positive, got {args.gamma}")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# data: vote.py's pairs, checked before any training, grouped into per-step batches
+
+
+def load_labels(paths, image_root=None):
+    """
+    [{a, b, names, p, group}]: a, b resolved image paths, names the paths as written (they seed the rollouts,
+    so a moved data directory samples the same), p = p*(a, b) of Eq. 1. Errors name file and row.
+    """
+    pairs = []
+    for path in paths:
+        root = image_root or os.path.dirname(os.path.abspath(path))
+        for n, row in enumerate(common.read_jsonl(path), 1):
+            where = f"{path}: row {n}"
+            if not (isinstance(row.get("a"), str) and isinstance(row.get("b"), str)):
+                raise ValueError(f"{where}: needs image paths 'a' and 'b', got {row}")
+            if type(row.get("p")) not in (int, float) or row["p"] not in (0, 0.5, 1):
+                raise ValueError(f"{where}: p must be 0, 0.5 or 1 (Eq. 1), got {row.get('p')!r}")
+            a, b = (os.path.normpath(os.path.join(root, row[s])) for s in "ab")
+            if a == b:
+                raise ValueError(f"{where}: 'a' and 'b' are the same image {a}")
+            for s, f in (("a", a), ("b", b)):
+                if not os.path.isfile(f):
+                    raise ValueError(f"{where}: image '{s}' not found: {f}")
+            # vote.py groups pairs by their shared reference; a pair without one is its own group
+            ref = row.get("ref_a") if row.get("ref_a") is not None and row.get("ref_a") == row.get("ref_b") else None
+            group = (path, ref) if ref is not None else (path, n)
+            pairs.append(dict(a=a, b=b, names=(row["a"], row["b"]), p=float(row["p"]), group=group))
+    if not pairs:
+        raise ValueError(f"{' '.join(paths)}: no labelled pairs")
+    return pairs
+
+
+def make_units(pairs, by_groups):
+    """What a step draws: single pairs, or whole groups of pairs (--batch-groups)."""
+    if not by_groups:
+        return [[p] for p in pairs]
+    groups = {}
+    for p in pairs:
+        groups.setdefault(p["group"], []).append(p)
+    return list(groups.values())
+
+
+def step_pairs(units, per_rank, world, rank, seed, step):
+    """This rank's pairs at `step`: a seeded permutation per epoch, the same on every rank and world size."""
+    per_step = per_rank * world
+    steps_per_epoch = len(units) // per_step
+    epoch, i = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(len(units))
+    chosen = [units[j] for j in order[i * per_step:(i + 1) * per_step]]
+    return [p for unit in common.shard(chosen, rank, world) for p in unit]
+
+
+def partners_of(pairs):
+    """{image: [(partner, p*(image, partner))]} over the pairs of this rank's batch (Algorithm 1 lines 8-11)."""
+    partners = {}
+    for pr in pairs:
+        partners.setdefault(pr["a"], []).append((pr["b"], pr["p"]))
+        partners.setdefault(pr["b"], []).append((pr["a"], 1.0 - pr["p"]))  # swap the pair's order
+    return partners
+
+
+# -----------------------------------------------------------------------------
+# reward (Eq. 2-3) and advantage (Eq. 4)
+
+
+def fidelity_rewards(scores, partners, gamma):
+    """
+    {image: K rewards} from {image: K parsed scores (None = invalid)}. mu and sigma^2 of Eq. 2 are over an
+    image's VALID scores, population variance (ddof=0). Edge cases, none of which can give NaN:
+      - an invalid rollout gets reward 0 and is left out of its image's mean and variance;
+      - a partner with no valid score is skipped: Eq. 3's mean runs over the partners that have one;
+      - a partner (or the image itself) with exactly one valid score has variance 0, so only gamma and the
+        other image's variance stay under the square root;
+      - an image with no valid score, or whose partners are all skipped, gets reward 0 on every rollout.
+    """
+    valid = {x: np.array([s for s in q if s is not None], dtype=np.float64) for x, q in scores.items()}
+    rewards = {}
+    for x, q in scores.items():
+        r = np.zeros(len(q))
+        usable = [(y, p) for y, p in partners[x] if len(valid[y])]
+        ok = np.array([s is not None for s in q])
+        if usable and ok.any():
+            qi = valid[x]
+            fid = []
+            for y, p in usable:
+                # Eq. 2: Thurstone probability that rollout k of x beats y
+                pk = torch.special.ndtr(torch.from_numpy((qi - valid[y].mean()) / math.sqrt(qi.var() + valid[y].var() + gamma))).numpy()
+                fid.append(np.sqrt(p * pk) + np.sqrt((1 - p) * (1 - pk)))  # Eq. 3's fidelity to p*
+            r[ok] = np.mean(fid, axis=0)  # Eq. 3: mean over the usable partners
+        rewards[x] = r
+    return rewards
+
+
+def rollout_rewards(texts, partners, gamma):
+    """Parse each rollout's score and turn them into Eq. 3's rewards: ({image: K rewards}, {image: K scores})."""
+    scores = {x: [common.parse_score(t) for t in ts] for x, ts in texts.items()}
+    return fidelity_rewards(scores, partners, gamma), scores
+
+
+def advantages(r):
+    """
+    Eq. 4 over one image's K rewards, population std (ddof=0). Invalid rollouts (reward 0) are part of the
+    group: that is what teaches the policy to answer validly. Zero spread -> zero advantage, never NaN.
+    """
+    r = np.asarray(r, dtype=np.float64)
+    std = r.std()
+    return np.zeros_like(r) if std < 1e-8 else (r - r.mean()) / std
+
+
+# -----------------------------------------------------------------------------
+# log-probs (the plain path) and the loss (Eq. 5-6)
+
+
+def completion_logprobs(model, rows, images, temperature):
+    """
+    Per-token log-probs [N, T] (and mask) of completions under `model` at the sampling temperature. rows:
+    [(prompt_ids, image_key, completion_ids)]. One right-padded forward over prompt+completion with explicit
+    3-D positions (the prompt's from rope_positions, then next_pos + j on all three axes for completion
+    token j), so no position is left to the model. Images go in as pixel_values, so the vision tower runs
+    inside the root forward (FSDP gathers and reduces its weights there) and trains with the rest.
+    """
+    device = next(model.parameters()).device
+    merge = model.config.vision_config.spatial_merge_size
+    P = [len(p) for p, _, _ in rows]
+    T = max(len(c) for _, _, c in rows)
+    L = max(p + len(c) - 1 for p, (_, _, c) in zip(P, rows))  # a completion's last token is never an input
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    pos = torch.zeros(3, len(rows), L, dtype=torch.long)
+    for b, (prompt, key, comp) in enumerate(rows):
+        n = len(prompt) + len(comp) - 1
+        ids[b, :n] = torch.tensor(prompt + comp[:-1])
+        mask[b, :n] = 1
+        pos[:, b, :len(prompt)], next_pos = common.rope_positions(prompt, [images[key][1]], model.config.image_token_id, merge)
+        pos[:, b, len(prompt):n] = next_pos + torch.arange(len(comp) - 1)
+    pixels = torch.cat([images[key][0] for _, key, _ in rows]).to(device)
+    grids = torch.tensor([images[key][1] for _, key, _ in rows], device=device)
+    keep = L - min(P) + 1  # logits only from the shortest prompt's last token on: the vocab is large
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                   pixel_values=pixels, image_grid_thw=grids, use_cache=False, logits_to_keep=keep).logits
+    # completion token j of row b sits at P_b + j and is predicted by the logits at P_b + j - 1
+    at = torch.tensor([[p - 1 + j - (L - keep) for j in range(T)] for p in P], device=device).clamp(max=keep - 1)
+    logits = logits[torch.arange(len(rows), device=device)[:, None], at].float() / temperature
+    tok = torch.tensor([c + [0] * (T - len(c)) for _, _, c in rows], device=device)
+    cmask = torch.tensor([[j < len(c) for j in range(T)] for _, _, c in rows], device=device).float()
+    return logits.log_softmax(-1).gather(-1, tok[..., None]).squeeze(-1) * cmask, cmask
+
+
+def grpo_loss(logp, logp_old, logp_ref, adv, mask, clip_eps, beta):
+    """
+    Eq. 5 with Eq. 6 per token, averaged over each completion's tokens (the DeepSeekMath form). Returns the
+    SUM over completions (the caller divides by the global count) and per-completion KL and clip fraction.
+    """
+    ratio = torch.exp(logp - logp_old)
+    a = adv[:, None]
+    surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)  # Eq. 5's clipped term
+    kl = torch.exp(logp_ref - logp) - (logp_ref - logp) - 1  # Eq. 6 (k3): >= 0, pulls logp toward logp_ref
+    per_token = -(surrogate - beta * kl)
+    n = mask.sum(1).clamp(min=1)
+    per_seq = (per_token * mask).sum(1) / n
+    clipped = ((ratio - 1).abs() > clip_eps).float()
+    return per_seq.sum(), (kl * mask).sum(1).detach() / n, (clipped * mask).sum(1) / n
+
+
+# -----------------------------------------------------------------------------
+# model set-up: FSDP2 over ranks, full weights gathered once per rollout phase
+
+
+def setup_model(spec, device, world, dtype, grad_checkpointing=False):
+    """(model, tokenizer, image_cfg, sharded FSDP modules or [] on one process)."""
+    model, tokenizer, image_cfg = common.load_model(spec, "cpu" if world > 1 else device, dtype)
+    if grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if world == 1:
+        return model, tokenizer, image_cfg, []
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    units = list(model.model.language_model.layers) + list(model.model.visual.blocks)
+    for m in units:
+        fully_shard(m, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)  # the rest: embeddings, patch embed, merger, final norm, lm_head
+    with torch.no_grad():  # FSDP picks its root on the first forward; the sampler later calls submodules directly
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+    model.reshard()  # a root stays gathered after forward: the optimizer must see the sharded parameters
+    return model, tokenizer, image_cfg, [model] + units
+
+
+def generate(model, fsdp_units, *a, **kw):
+    """common.sample with the full weights gathered once (not one all-gather per layer per token)."""
+    model.eval()  # also turns gradient checkpointing off, which would disable the KV cache
+    if fsdp_units:
+        model.set_reshard_after_forward(False)
+        for m in fsdp_units:
+            m.unshard()
+    try:
+        return common.sample(model, *a, **kw)
+    finally:
+        if fsdp_units:
+            for m in fsdp_units:
+                m.reshard()
+            for m in fsdp_units[1:]:  # the root keeps FSDP's default for roots (no reshard after forward)
+                m.set_reshard_after_forward(True, recurse=False)
+        model.train()
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: <out>/step_<N>/ appears complete or not at all
+
+
+def save(out, step, model, optimizer, tokenizer, image_cfg, world, rank, state):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=opts)  # collective under FSDP; full on rank 0
+    optim = get_optimizer_state_dict(model, optimizer, options=opts)
+    if rank == 0:
+        if world > 1:  # a plain module around the gathered weights, for save_pretrained
+            from transformers import Qwen2_5_VLForConditionalGeneration
+
+            with torch.device("meta"):
+                plain = Qwen2_5_VLForConditionalGeneration(model.config)
+            plain.load_state_dict(weights, assign=True)
+            plain.tie_weights()
+        else:
+            plain = model
+        final, partial = os.path.join(out, f"step_{step}"), os.path.join(out, f".step_{step}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        common.save_checkpoint(plain, tokenizer, image_cfg, partial)
+        torch.save(dict(state, optimizer=optim), os.path.join(partial, "train_state.pt"))
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.rename(partial, final)  # atomic: a step_<N> (with its train_state.pt) is always complete
+    if world > 1:
+        dist.barrier()
+
+
+def latest_checkpoint(out):
+    steps = [int(d[5:]) for d in os.listdir(out) if d.startswith("step_") and d[5:].isdigit()
+             and os.path.isfile(os.path.join(out, d, "train_state.pt"))] if os.path.isdir(out) else []
+    return os.path.join(out, f"step_{max(steps)}") if steps else None
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = common.dist_setup()
+    device = torch.device(args.device) if args.device and world == 1 else device
+    prompts = common.load_prompts(args.prompts)
+    units = make_units(load_labels(args.labels, args.image_root), args.batch_groups > 0)
+    per_rank = args.batch_groups or args.batch_pairs
+    steps_per_epoch = len(units) // (per_rank * world)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(units)} {'groups' if args.batch_groups else 'pairs'} cannot fill one step of "
+                         f"{per_rank} per rank x {world} ranks")
+    total = steps_per_epoch * args.epochs if not args.max_steps else min(args.max_steps, steps_per_epoch * args.epochs)
+
+    resume_dir = latest_checkpoint(args.out) if args.resume else None
+    model, tok, image_cfg, fsdp_units = setup_model(resume_dir or args.model, device, world, args.dtype, args.grad_checkpointing)
+    ref, _, _, _ = setup_model(args.model, device, world, args.dtype)  # frozen: the run's initial model
+    ref.requires_grad_(False).eval()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    start = 0
+    if resume_dir:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        state = torch.load(os.path.join(resume_dir, "train_state.pt"), weights_only=False)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        start = state["step"]
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+    os.makedirs(args.out, exist_ok=True)
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if rank == 0:  # a resumed run rewrites the steps after its checkpoint
+        common.write_jsonl_atomic(metrics_path, [m for m in common.read_partial_jsonl(metrics_path) if m["step"] <= start])
+
+    unit = "groups" if args.batch_groups else "pairs"
+    per_unit = np.mean([len({x for p in u for x in (p["a"], p["b"])}) for u in units])
+    common.print0(f"{sum(map(len, units))} pairs in {len(units)} {unit}, {world} rank(s): {per_rank} {unit} x "
+                  f"{per_unit:.3g} images x {args.k} rollouts = {per_rank * per_unit * args.k:.0f} completions per step "
+                  f"per rank (fewer where pairs share images); {steps_per_epoch} steps per epoch, {total} steps"
+                  + (f" from step {start} ({resume_dir})" if resume_dir else "")
+                  + f"; {args.updates_per_batch} update(s) per batch, lr {args.lr} -> 0")
+    think = not args.no_think
+    bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.time()
+        pairs = step_pairs(units, per_rank, world, rank, args.seed, step)
+        partners = partners_of(pairs)
+        keys = list(partners)
+        names = {x: n for pr in pairs for x, n in zip((pr["a"], pr["b"]), pr["names"])}
+        images = {x: common.preprocess_image(common.load_image(x), image_cfg) for x in keys}
+
+        # --- sample: K rollouts of c_score per image, seeded per (step, image) so batching never changes them
+        requests = [(common.encode_prompt(tok, prompts, "score", [images[x][1]], think), [x]) for x in keys]
+        out = generate(model, fsdp_units, tok, requests, images, n=args.k, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                       seed=[common.stable_seed(args.seed, step, names[x]) for x in keys])
+        texts = {x: out["texts"][i * args.k:(i + 1) * args.k] for i, x in enumerate(keys)}
+
+        # --- score + reward (Eq. 2-3)
+        rewards, scores = rollout_rewards(texts, partners, args.gamma)
+
+        # --- advantage (Eq. 4), within each image's K rollouts
+        adv = torch.tensor(np.concatenate([advantages(rewards[x]) for x in keys]), dtype=torch.float32, device=device)
+        # a sampled <|image_pad|> would read as an image slot in the forward: the completion ends there for
+        # the loss (that token's own log-prob stays exact, as the last token is never an input)
+        img_tok = model.config.image_token_id
+        rows = [(requests[i][0], x, c[:c.index(img_tok) + 1] if img_tok in c else c)
+                for i, x in enumerate(keys) for c in out["tokens"][i * args.k:(i + 1) * args.k]]
+
+        # --- loss (Eq. 5-6): sum of per-completion means over 1/(completions of ALL ranks); every rank runs
+        # the same number of forwards, since each one is a collective under FSDP
+        counts = torch.tensor([len(rows), math.ceil(len(rows) / args.micro_batch)], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(counts[:1])
+            dist.all_reduce(counts[1:], op=dist.ReduceOp.MAX)
+        n_global, n_micro = int(counts[0]), int(counts[1])
+        chunks = [c.tolist() for c in np.array_split(np.arange(len(rows)), n_micro)]
+        # an empty chunk still does a forward (on row 0, weighted 0) to match the other ranks' collectives
+        chunks = [(c, 1.0) if c else ([0], 0.0) for c in chunks]
+        with torch.no_grad():
+            ref_lp = [completion_logprobs(ref, [rows[i] for i in c], images, args.temperature)[0] for c, _ in chunks]
+            old_lp = ([completion_logprobs(model, [rows[i] for i in c], images, args.temperature)[0] for c, _ in chunks]
+                      if args.updates_per_batch > 1 else None)
+
+        # --- step: FSDP averages gradients over ranks, hence the factor `world`
+        for u in range(args.updates_per_batch):
+            lr = args.lr * (1 - (step * args.updates_per_batch + u) / (total * args.updates_per_batch))
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            kl_sum = clip_sum = 0.0
+            for j, (c, w) in enumerate(chunks):
+                logp, mask = completion_logprobs(model, [rows[i] for i in c], images, args.temperature)
+                # with one update per batch, pi_old is the current policy: logp_old = logp, detached
+                lp_old = old_lp[j] if old_lp is not None else logp.detach()
+                loss, kl, clip = grpo_loss(logp, lp_old, ref_lp[j], adv[c], mask, args.clip_eps, args.beta)
+                (loss * w * world / n_global).backward()
+                kl_sum, clip_sum = kl_sum + w * kl.sum().item(), clip_sum + w * clip.sum().item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        # --- log: sums over all ranks, one JSON line per step
+        flat_r = np.concatenate([rewards[x] for x in keys])
+        valid = np.array([s is not None for x in keys for s in scores[x]])
+        lengths = np.array([len(t) for t in out["tokens"]])
+        sums = torch.tensor([len(flat_r), flat_r.sum(), (flat_r ** 2).sum(), flat_r[valid].sum(), valid.sum(),
+                             len(flat_r) - sum(out["stopped"]), lengths.sum(), kl_sum, clip_sum], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(sums)
+        n, rs, rs2, fs, nv, trunc, ls, kls, cls = sums.tolist()
+        m = dict(step=step + 1, reward_mean=rs / n, reward_std=math.sqrt(max(rs2 / n - (rs / n) ** 2, 0.0)),
+                 fidelity_mean=fs / max(nv, 1), invalid_rate=1 - nv / n, truncation_rate=trunc / n, kl=kls / n,
+                 clip_frac=cls / n, completion_len=ls / n, lr=lr,
+                 grad_norm=float(grad_norm), seconds=time.time() - t0)
+        if rank == 0:
+            common.append_jsonl(metrics_path, [m])
+            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", invalid=f"{m['invalid_rate']:.2f}", kl=f"{m['kl']:.4f}",
+                            len=f"{m['completion_len']:.0f}")
+
+        # --- save
+        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total:
+            rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+            save(args.out, step + 1, model, optimizer, tok, image_cfg, world, rank,
+                 dict(step=step + 1, epoch=(step + 1) // steps_per_epoch, rng=rng, args=vars(args)))
+    if rank == 0:
+        last = latest_checkpoint(args.out)
+        link = os.path.join(args.out, "final")
+        if os.path.lexists(link + ".tmp"):
+            os.remove(link + ".tmp")
+        os.symlink(os.path.basename(last), link + ".tmp")
+        os.replace(link + ".tmp", link)  # atomic: `final` always names a complete checkpoint
+        common.print0(f"done: {total} steps, model at {link} -> {os.path.basename(last)}")
+    common.dist_cleanup()
+
+
+if __name__ == "__main__":
+    main()
