@@ -8,7 +8,7 @@ image pair with the compare prompt (Table 1), and majority voting gives the pseu
     torchrun --standalone --nproc_per_node=8 vote.py --model Qwen/Qwen2.5-VL-7B-Instruct \\
         --manifest pool/manifest.jsonl --mode random --source authentic --pairs 20000 --out round1/votes.jsonl
     # round 2: pairs among an original and its distorted variants, voted by the round-1 model
-    torchrun --standalone --nproc_per_node=8 vote.py --model round1/ckpt --manifest pool/manifest.jsonl \\
+    torchrun --standalone --nproc_per_node=8 vote.py --model round1/final --manifest pool/manifest.jsonl \\
         --mode same-ref --pairs 20000 --out round2/votes.jsonl
     # tiny CPU example (random weights: the votes are noise, the plumbing is real)
     python vote.py --model tiny --manifest pool/manifest.jsonl --pairs 10 --k 4 --max-new-tokens 16 --out /tmp/v.jsonl
