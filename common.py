@@ -133,16 +133,12 @@ def load_image(path):
     """Any PIL-readable file as 8-bit RGB, EXIF orientation applied. Errors name the file."""
     try:
         with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits, not clip
-                a = np.asarray(im, dtype=np.float64)
-                im = Image.fromarray(np.uint8(np.clip(a / (65535.0 if a.max() > 255 else 255.0) * 255 + 0.5, 0, 255)))
-            elif im.mode in ("LA", "PA", "RGBA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))  # composite on white, not black
-                im = Image.alpha_composite(bg, im)
-            return im.convert("RGB")
+            im = ImageOps.exif_transpose(im)  # a loaded copy
+        if im.mode.startswith("I"):  # 16-bit grey: convert("RGB") would clip at 255 rather than rescale
+            im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))
+        if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:  # composite on white, not black
+            im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+        return im.convert("RGB")
     except (OSError, ValueError, SyntaxError) as e:
         raise ValueError(f"{path}: cannot read image: {e}") from e
 
@@ -479,7 +475,8 @@ def sample(model, tokenizer, requests, images, n=1, max_new_tokens=256, temperat
 # -----------------------------------------------------------------------------
 # files: JSONL with line numbers in errors, incremental append, atomic writes
 
-def read_jsonl(path):
+def read_jsonl_lines(path):
+    """[(line number, object)] of a JSONL file, blank lines skipped, so that later errors can name the line."""
     rows = []
     with open(path) as f:
         for i, line in enumerate(f, 1):
@@ -491,8 +488,12 @@ def read_jsonl(path):
                 raise ValueError(f"{path}:{i}: malformed JSON line: {e.msg}") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+            rows.append((i, row))
     return rows
+
+
+def read_jsonl(path):
+    return [row for _, row in read_jsonl_lines(path)]
 
 
 def append_jsonl(path, rows):

@@ -29,9 +29,11 @@ import time
 import zlib
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps, features
+from PIL import Image, ImageDraw, ImageFont, features
 from scipy import ndimage, signal
 from tqdm import tqdm
+
+from common import load_image, read_jsonl_lines, write_jsonl_atomic
 
 
 def parse_args(argv=None):
@@ -377,14 +379,8 @@ def type_rng(seed, ref, name):
 # images in and out
 
 def open_rgb(path, max_side=None):
-    """8-bit RGB pixels of any image file, turned upright by its EXIF orientation."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-    if im.mode.startswith('I'):  # 16-bit grey: convert('RGB') would clip at 255 rather than rescale
-        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))
-    if im.mode in ('RGBA', 'LA', 'PA') or 'transparency' in im.info:
-        im = Image.alpha_composite(Image.new('RGBA', im.size, 'white'), im.convert('RGBA'))
-    im = im.convert('RGB')
+    """8-bit RGB pixels of any image file, turned upright by its EXIF orientation, at most max_side."""
+    im = load_image(path)
     if max_side and max(im.size) > max_side:
         s = max_side / max(im.size)
         im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.Resampling.LANCZOS)
@@ -420,27 +416,19 @@ def make_test_image(height, width, seed=0):
     return _to_uint8(img)
 
 
-def read_jsonl(path):
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f'{path}:{n}: not valid JSON ({e})')
-            if not isinstance(row, dict) or 'image' not in row:
-                raise SystemExit(f'{path}:{n}: each line needs an "image" field')
-            rows.append(row)
-    return rows
+def read_manifest(path):
+    rows = read_jsonl_lines(path)
+    for n, row in rows:
+        if 'image' not in row:
+            raise ValueError(f'{path}:{n}: each line needs an "image" field')
+    return [row for _, row in rows]
 
 
 def list_inputs(spec, skip_dir=None):
     """[(path, ref, extra fields)] for a folder, a glob or a .jsonl manifest, in a stable order."""
     base = ''  # a manifest's relative paths are relative to the manifest
     if spec.endswith('.jsonl'):
-        base, rows = os.path.dirname(spec), read_jsonl(spec)
+        base, rows = os.path.dirname(spec), read_manifest(spec)
     elif os.path.isdir(spec):
         rows, skip = [], skip_dir and os.path.abspath(skip_dir)
         for d, dirs, files in os.walk(spec):  # all files, so that a non-image is reported rather than ignored
@@ -481,6 +469,7 @@ def make_outputs(job):
     try:
         image = open_rgb(path, max_side)
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...) on bad files
+        e = e.__cause__ or e  # load_image's message repeats the path that the report already names
         return [], f'{type(e).__name__}: {e}'
     for r in missing:
         name = r['distortion']
@@ -558,9 +547,7 @@ def main(argv=None):
             bad.append((job[0], error))
     os.makedirs(args.out, exist_ok=True)
     manifest = os.path.join(args.out, 'manifest.jsonl')
-    with open(manifest + '.tmp', 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in records)
-    os.replace(manifest + '.tmp', manifest)
+    write_jsonl_atomic(manifest, records)
     print(f'wrote {manifest}: {len(records)} images from {sum(1 for recs, _ in results if recs)} originals')
     if bad:
         print(f'skipped {len(bad)} of {len(inputs)} inputs:')

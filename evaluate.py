@@ -47,7 +47,7 @@ from scipy.stats import rankdata
 from tqdm import tqdm
 
 from common import (append_jsonl, dist_cleanup, dist_setup, drop_torn_tail, encode_prompt, load_image, load_model, load_prompts,
-                    parse_score, preprocess_image, print0, prompt_text, read_jsonl, read_partial_jsonl, sample, shard,
+                    parse_score, preprocess_image, print0, prompt_text, read_jsonl, read_jsonl_lines, read_partial_jsonl, sample, shard,
                     stable_seed, write_atomic, write_jsonl_atomic)
 
 # -----------------------------------------------------------------------------
@@ -102,19 +102,12 @@ def read_csv_labels(path):
 def read_manifest(path):
     """The JSONL form: [(line, image, mos, split or None)]."""
     records = []
-    with open(path) as f:
-        for line, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line}: malformed JSON line: {e.msg}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not row["image"]:
-                raise ValueError(f"{path}:{line}: expected {{\"image\": path, \"mos\": number}}, "
-                                 f"got {text.strip()[:80]}")
-            records.append((line, row["image"], number(row.get("mos"), f"{path}:{line}", "mos"),
-                            None if row.get("split") is None else str(row["split"])))
+    for line, row in read_jsonl_lines(path):
+        if not isinstance(row.get("image"), str) or not row["image"]:
+            raise ValueError(f"{path}:{line}: expected {{\"image\": path, \"mos\": number}}, "
+                             f"got {json.dumps(row)[:80]}")
+        records.append((line, row["image"], number(row.get("mos"), f"{path}:{line}", "mos"),
+                        None if row.get("split") is None else str(row["split"])))
     return records, "mos", "split" if any(r[3] is not None for r in records) else None
 
 

@@ -94,12 +94,11 @@ def parse_args(argv=None):
 
 def read_manifest(path):
     """The manifest's rows, each with its line number (`line`) so that errors can point at it."""
-    rows = common.read_jsonl(path)
-    with open(path) as f:
-        lines = [n for n, text in enumerate(f, 1) if text.strip()]  # read_jsonl skips blank lines too
+    rows = []
     seen = {}
-    for row, n in zip(rows, lines):
+    for n, row in common.read_jsonl_lines(path):
         row["line"] = n
+        rows.append(row)
         if not isinstance(row.get("image"), str):
             raise ValueError(f"{path}:{n}: no 'image' path")
         if row["image"] in seen:
@@ -155,14 +154,14 @@ def read_pairs_file(path, pool):
     """Pairs given as JSONL lines with 'a' and 'b' paths as in the manifest, kept in their order."""
     index = {row["image"]: j for j, row in enumerate(pool)}
     pairs, seen = [], {}
-    for n, row in enumerate(common.read_jsonl(path), 1):
+    for n, row in common.read_jsonl_lines(path):
         if row.get("a") not in index or row.get("b") not in index:
             missing = row.get("a") if row.get("a") not in index else row.get("b")
-            raise ValueError(f"{path}: pair {n} ({row.get('a')!r}, {row.get('b')!r}): {missing!r} is not in the "
+            raise ValueError(f"{path}:{n}: pair ({row.get('a')!r}, {row.get('b')!r}): {missing!r} is not in the "
                              f"manifest")
         pair = (index[row["a"]], index[row["b"]])
         if pair[0] == pair[1] or frozenset(pair) in seen:
-            raise ValueError(f"{path}: pair {n} ({row['a']!r}, {row['b']!r}) is a self-pair or repeats pair "
+            raise ValueError(f"{path}:{n}: pair ({row['a']!r}, {row['b']!r}) is a self-pair or repeats line "
                              f"{seen.get(frozenset(pair), n)}")
         seen[frozenset(pair)] = n
         pairs.append(pair)

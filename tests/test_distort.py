@@ -120,10 +120,10 @@ def test_open_rgb_makes_8bit_rgb_from_grey_palette_alpha_16bit_and_exif(tmp_path
 def test_malformed_manifest_line_names_the_file_and_line(tmp_path):
     manifest = tmp_path / 'in.jsonl'
     manifest.write_text('{"image": "a.png"}\n{"image": oops}\n')
-    with pytest.raises(SystemExit, match=r'in\.jsonl:2: not valid JSON'):
+    with pytest.raises(ValueError, match=r'in\.jsonl:2: malformed JSON line'):
         distort.list_inputs(str(manifest))
     manifest.write_text('{"img": "a.png"}\n')
-    with pytest.raises(SystemExit, match=r'in\.jsonl:1: each line needs an "image" field'):
+    with pytest.raises(ValueError, match=r'in\.jsonl:1: each line needs an "image" field'):
         distort.list_inputs(str(manifest))
 
 

@@ -291,7 +291,7 @@ def test_pairs_file_is_voted_in_its_order_and_must_name_manifest_images(pool_dir
     assert [(r["a"], r["b"], r["p"]) for r in rows] == [("img3.png", "img0.png", 1.0), ("img1.png", "img5.png", 0.0)]
     common.write_jsonl_atomic(str(tmp_path / "pairs.jsonl"), [dict(a="img0.png", b="img1.png"),
                                                               dict(a="img0.png", b="nope.png")])
-    with pytest.raises(ValueError, match=r"pair 2 \('img0.png', 'nope.png'\): 'nope.png' is not in the manifest"):
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: pair \('img0.png', 'nope.png'\): 'nope.png' is not in the manifest"):
         vote.main(["--manifest", str(pool_dir / "manifest.jsonl"), "--pairs-file", str(tmp_path / "pairs.jsonl"),
                    "--out", str(tmp_path / "v.jsonl")])
 
