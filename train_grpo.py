@@ -17,9 +17,16 @@ Image paths in a labels file are relative to --image-root (default: that labels 
 vote.py's manifest and votes sit). The run writes <out>/metrics.jsonl, <out>/step_<N>/ (a Hugging Face
 model directory plus train_state.pt) and <out>/final -> step_<last>; pass <out>/final as the next round's
 --model. --resume continues from the newest complete step_<N>.
+
+Log-probs (policy, pi_old, reference) take the shared-prefix path by default: per micro-batch, one forward
+over its images' prompts records their keys/values with gradients, then one forward over the completions
+attends to them, instead of one prompt+completion forward per completion. It equals the plain path
+(--no-shared-prefix, kept as the oracle) to float rounding, with or without --grad-checkpointing and under
+FSDP; a micro-batch holding all K completions of its images (--micro-batch K) runs each prompt once.
 """
 
 import argparse
+import contextlib
 import math
 import os
 import random
@@ -30,6 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from transformers.cache_utils import Cache, DynamicLayer
 
 import common
 
@@ -62,6 +70,9 @@ def parse_args(argv=None):
     ap.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
     ap.add_argument("--updates-per-batch", type=int, default=1, help="optimiser steps per rollout batch")
     ap.add_argument("--micro-batch", type=int, default=8, help="completions per forward/backward")
+    ap.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
+                    help="run each prompt once per micro-batch and let its completions attend to its keys/values "
+                         "(--no-shared-prefix: one full prompt+completion forward per completion, the plain path)")
     ap.add_argument("--seed", type=int, default=0)
     # distributed/memory
     ap.add_argument("--grad-checkpointing", action="store_true")
@@ -94,8 +105,8 @@ def load_labels(paths, image_root=None):
     pairs = []
     for path in paths:
         root = image_root or os.path.dirname(os.path.abspath(path))
-        for n, row in enumerate(common.read_jsonl(path), 1):
-            where = f"{path}: row {n}"
+        for n, row in common.read_jsonl_lines(path):
+            where = f"{path}:{n}"
             if not (isinstance(row.get("a"), str) and isinstance(row.get("b"), str)):
                 raise ValueError(f"{where}: needs image paths 'a' and 'b', got {row}")
             if type(row.get("p")) not in (int, float) or row["p"] not in (0, 0.5, 1):
@@ -229,6 +240,106 @@ def completion_logprobs(model, rows, images, temperature):
     tok = torch.tensor([c + [0] * (T - len(c)) for _, _, c in rows], device=device)
     cmask = torch.tensor([[j < len(c) for j in range(T)] for _, _, c in rows], device=device).float()
     return logits.log_softmax(-1).gather(-1, tok[..., None]).squeeze(-1) * cmask, cmask
+
+
+# -----------------------------------------------------------------------------
+# log-probs, the shared-prefix path (--shared-prefix, the default): an image's K completions share one prompt
+# of ~1,000 image tokens, so the prompt runs once per micro-batch, with gradients, and the completions attend
+# to its keys/values. Equal to the plain path to float rounding (tests/test_train_grpo.py states by how much).
+
+
+class PrefixLayer(DynamicLayer):
+    """
+    One layer's cache. Recording (the prompt forward): keep the first keys/values it is given, graph included,
+    and return what it is given. Serving (the completion forward, built from recorded keys/values): return the
+    prefix + the new ones and store nothing. Both are safe to call twice, which activation checkpointing does
+    when it replays a layer in backward (DynamicLayer would append the replay's keys a second time).
+    """
+
+    def __init__(self, keys=None, values=None):
+        super().__init__()
+        self.serving = keys is not None
+        if self.serving:
+            self.keys, self.values, self.device, self.is_initialized = keys, values, keys.device, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.serving:
+            return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
+        if not self.is_initialized:
+            self.keys, self.values, self.device, self.is_initialized = key_states, value_states, key_states.device, True
+        return key_states, value_states
+
+
+@contextlib.contextmanager
+def cache_under_checkpointing(model):
+    """transformers drops the cache in checkpointed decoder layers (a replay would write it twice); PrefixLayer
+    can be replayed, so let it through. Needs use_reentrant=False: reentrant checkpointing runs the forward
+    without a graph, so the recorded prefix keys would carry no gradient, silently."""
+    layers = list(model.model.language_model.layers)
+    for m in layers:
+        f = getattr(m, "_gradient_checkpointing_func", None)
+        if m.gradient_checkpointing and getattr(f, "keywords", {}).get("use_reentrant", True) is not False:
+            raise ValueError("the shared-prefix path needs gradient checkpointing with use_reentrant=False")
+        m._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m._can_checkpoint_with_cache  # back to the class's False
+
+
+def shared_prefix_logprobs(model, rows, images, temperature):
+    """
+    completion_logprobs (same rows, same result) with each distinct prompt run once. Forward 1: the rows'
+    distinct prompts, left-padded into one batch, images as pixel_values, records every layer's keys/values with
+    their graph; its last logits predict each completion's first token. Forward 2: per row, completion[:-1],
+    right-padded, attending to its own prompt's keys/values (gathered to its row, so the prompt and the vision
+    tower get the gradients of all its completions). Positions are explicit on both sides: the completion's
+    continue from its prompt's (left to the model they would be silently wrong). Always two root forwards, so
+    every FSDP rank runs the same collectives whatever its rows; and every prompt layer's output is on the loss's
+    path (through the first token's logits), so FSDP's pre-backward hooks gather a layer before its cached keys'
+    gradient needs its weights.
+    """
+    device = next(model.parameters()).device
+    merge = model.config.vision_config.spatial_merge_size
+    prefixes = list(dict.fromkeys((key, tuple(prompt)) for prompt, key, _ in rows))
+    index = {p: i for i, p in enumerate(prefixes)}
+    which = torch.tensor([index[(key, tuple(prompt))] for prompt, key, _ in rows], device=device)
+    # forward 1: the distinct prompts
+    S = max(len(prompt) for _, prompt in prefixes)
+    ids = torch.zeros(len(prefixes), S, dtype=torch.long)
+    mask = torch.zeros(len(prefixes), S, dtype=torch.long)
+    pos = torch.zeros(3, len(prefixes), S, dtype=torch.long)
+    start = []
+    for b, (key, prompt) in enumerate(prefixes):
+        ids[b, S - len(prompt):] = torch.tensor(prompt)
+        mask[b, S - len(prompt):] = 1
+        pos[:, b, S - len(prompt):], next_pos = common.rope_positions(list(prompt), [images[key][1]],
+                                                                      model.config.image_token_id, merge)
+        start.append(next_pos)
+    pixels = torch.cat([images[key][0] for key, _ in prefixes]).to(device)
+    grids = torch.tensor([images[key][1] for key, _ in prefixes], device=device)
+    recorded = Cache(layers=[PrefixLayer() for _ in range(model.config.text_config.num_hidden_layers)])
+    mask = mask.to(device)
+    # forward 2's inputs: completion token j - 1 at position next_pos + j - 1 predicts token j (at least one
+    # column, so that a batch of one-token completions still runs both forwards)
+    T = max(len(c) for _, _, c in rows)
+    cids = torch.zeros(len(rows), max(T - 1, 1), dtype=torch.long)
+    cmask = torch.zeros(len(rows), max(T - 1, 1), dtype=torch.long)
+    for r, (_, _, comp) in enumerate(rows):
+        cids[r, :len(comp) - 1] = torch.tensor(comp[:-1], dtype=torch.long)
+        cmask[r, :len(comp) - 1] = 1
+    cpos = (torch.tensor(start)[which.cpu()][:, None] + torch.arange(cids.shape[1])).expand(3, -1, -1)
+    with cache_under_checkpointing(model):
+        first = model(input_ids=ids.to(device), attention_mask=mask, position_ids=pos.to(device), pixel_values=pixels,
+                      image_grid_thw=grids, cache=recorded, use_cache=True, logits_to_keep=1).logits[:, -1]
+        serving = Cache(layers=[PrefixLayer(m.keys[which], m.values[which]) for m in recorded.layers])
+        rest = model(input_ids=cids.to(device), attention_mask=torch.cat([mask[which], cmask.to(device)], 1),
+                     position_ids=cpos.to(device), cache=serving, use_cache=True).logits
+    logits = torch.cat([first[which, None], rest[:, :T - 1]], 1).float() / temperature
+    tok = torch.tensor([c + [0] * (T - len(c)) for _, _, c in rows], device=device)
+    valid = torch.tensor([[j < len(c) for j in range(T)] for _, _, c in rows], device=device).float()
+    return logits.log_softmax(-1).gather(-1, tok[..., None]).squeeze(-1) * valid, valid
 
 
 def grpo_loss(logp, logp_old, logp_ref, adv, mask, clip_eps, beta):
@@ -370,6 +481,12 @@ def main(argv=None):
                   f"per rank (fewer where pairs share images); {steps_per_epoch} steps per epoch, {total} steps"
                   + (f" from step {start} ({resume_dir})" if resume_dir else "")
                   + f"; {args.updates_per_batch} update(s) per batch, lr {args.lr} -> 0")
+    # the rows of a micro-batch are consecutive completions, image by image: with --shared-prefix each of its
+    # images' prompts runs once, not once per completion
+    logprobs = shared_prefix_logprobs if args.shared_prefix else completion_logprobs
+    common.print0(f"log-probs: micro-batches of {args.micro_batch} completions, " +
+                  ("shared-prefix path (a prompt runs once per micro-batch holding its completions)" if args.shared_prefix
+                   else "plain path (one prompt+completion forward per completion)"))
     think = not args.no_think
     bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, dynamic_ncols=True)
     for step in bar:
@@ -409,8 +526,8 @@ def main(argv=None):
         # an empty chunk still does a forward (on row 0, weighted 0) to match the other ranks' collectives
         chunks = [(c, 1.0) if c else ([0], 0.0) for c in chunks]
         with torch.no_grad():
-            ref_lp = [completion_logprobs(ref, [rows[i] for i in c], images, args.temperature)[0] for c, _ in chunks]
-            old_lp = ([completion_logprobs(model, [rows[i] for i in c], images, args.temperature)[0] for c, _ in chunks]
+            ref_lp = [logprobs(ref, [rows[i] for i in c], images, args.temperature)[0] for c, _ in chunks]
+            old_lp = ([logprobs(model, [rows[i] for i in c], images, args.temperature)[0] for c, _ in chunks]
                       if args.updates_per_batch > 1 else None)
 
         # --- step: FSDP averages gradients over ranks, hence the factor `world`
@@ -420,7 +537,7 @@ def main(argv=None):
                 g["lr"] = lr
             kl_sum = clip_sum = 0.0
             for j, (c, w) in enumerate(chunks):
-                logp, mask = completion_logprobs(model, [rows[i] for i in c], images, args.temperature)
+                logp, mask = logprobs(model, [rows[i] for i in c], images, args.temperature)
                 # with one update per batch, pi_old is the current policy: logp_old = logp, detached
                 lp_old = old_lp[j] if old_lp is not None else logp.detach()
                 loss, kl, clip = grpo_loss(logp, lp_old, ref_lp[j], adv[c], mask, args.clip_eps, args.beta)

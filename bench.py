@@ -1,0 +1,488 @@
+"""
+What EvoQuality costs, ours against the way it is usually run (transformers' `generate`; one full forward per
+completion in training). Both sides of every comparison use the same model, seed, inputs and number of generated
+tokens (stopping is off on both: `min_new_tokens` for generate, no stop ids for our sampler), in one run, at the
+paper's proportions scaled down: a prompt of ~1,000 image tokens per image and reasoning a fraction of it.
+
+    python bench.py                                # CPU: every stage on the `small` shape (minutes on 2 cores)
+    python bench.py --shape tiny --quick           # seconds: what tests/test_bench.py runs
+    python bench.py --stage vote --shape small     # one stage: vote | grpo | eval | distort | decode
+    # one GPU, Qwen2.5-VL-7B's shape with random bf16 weights (no download); the paper's per-GPU GRPO batch
+    python bench.py --shape 7b --stage decode vote
+    python bench.py --shape 7b --stage grpo --pairs 4 --k 32 --completion 256 --grad-checkpointing
+
+Stages, each printed as a table, then ONE JSON line with every number:
+  vote     pairs/s: vote.py's vote_batch (K/2 samples per order from one prefill, --batch-pairs pairs per call)
+           vs model.generate(num_return_sequences=K/2) per pair order; and vote.py --no-think (exact one-token
+           vote probabilities from one forward per order) vs the same baseline and vs generate of K one-token answers
+  grpo     seconds and peak memory per GRPO step (reference log-probs, policy forward+backward, optimizer step; no
+           sampling), train_grpo's shared-prefix path vs its plain path, at prompt = 1x and 4x the completion. Each
+           side runs in its own process. Memory on CPU: peak RSS over the step above the RSS before it (the kernel's
+           high-water mark, reset just before; large blocks mmap'ed so freed memory leaves RSS), and the bytes autograd
+           saved for backward (activations, parameters excluded); on CUDA torch.cuda.max_memory_allocated
+  eval     images/s: evaluate.py's score_batch vs generate(num_return_sequences=--samples) per image
+  distort  seconds per distortion type (mean and worst over the 5 levels) on a 1024x768 image
+  decode   (CUDA) decode tokens/s of common.sample and of generate, and the memory bandwidth decoding uses
+
+Shapes: tiny (common's built-in model); small (random weights, a width where a CPU is arithmetic-bound);
+7b (Qwen2.5-VL-7B-Instruct's config.json values, random bf16 weights, CUDA only). All use common's tiny tokenizer
+(a model vocabulary at least its size).
+"""
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import common
+import distort
+import evaluate
+import train_grpo
+import vote
+
+# name: (text: hidden, layers, heads, kv heads, ffn, vocab or None = the tokenizer's; vision: depth, hidden, heads,
+# ffn, full-attention blocks; init std), image side for vote/eval, image side for grpo
+SHAPES = {
+    "small": (dict(hidden=512, layers=6, heads=8, kv_heads=2, ffn=1536, vocab=None, vision_depth=4, vision_hidden=256,
+                   vision_heads=4, vision_ffn=768, fullatt=[3], std=0.02), 224, 448),
+    "7b": (dict(hidden=3584, layers=28, heads=28, kv_heads=4, ffn=18944, vocab=152064, vision_depth=32,
+                vision_hidden=1280, vision_heads=16, vision_ffn=3420, fullatt=[7, 15, 23, 31], std=0.02), 868, 868),
+}
+PEAK_GBPS = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H200": 4800, "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", nargs="+", default=None, choices=("vote", "grpo", "eval", "distort", "decode"),
+                   help="default: vote grpo eval distort on CPU, and decode too on CUDA")
+    p.add_argument("--shape", default="small", choices=("tiny", "small", "7b"))
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every code path")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    # voting / evaluation
+    p.add_argument("--pairs", type=int, default=None, help="pairs voted (vote), or per GRPO step (grpo: the paper's 4)")
+    p.add_argument("--votes", type=int, default=32, help="votes per pair, K/2 per order (paper: 32)")
+    p.add_argument("--batch-pairs", type=int, default=4, help="vote.py's pairs per sampler call")
+    p.add_argument("--reasoning", type=int, default=None, help="generated tokens per vote / evaluation sample")
+    p.add_argument("--images", type=int, default=None, help="images scored (eval)")
+    p.add_argument("--samples", type=int, default=8, help="samples per image (eval; evaluate.py's default)")
+    # grpo
+    p.add_argument("--k", type=int, default=8, help="rollouts per image (paper: 32)")
+    p.add_argument("--completion", type=int, default=None, help="completion tokens (default: prompt / mult)")
+    p.add_argument("--mult", type=float, nargs="+", default=[1, 4], help="prompt length / completion length")
+    p.add_argument("--micro-batch", type=int, default=None, help="completions per forward, both paths (default: K)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--steps", type=int, default=2, help="timed GRPO steps per side (after one warm-up step)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one GRPO side, run by the parent
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# models: a Qwen2.5-VL config of any width around common's tiny tokenizer
+
+
+def build_model(shape, device):
+    """(model, tokenizer, image_cfg, vote/eval image side, grpo image side) with weights from a fixed seed."""
+    if shape == "tiny":
+        model, tok, cfg = common.load_model("tiny", device, "float32")
+        cfg.update(max_pixels=448 * 448)
+        return model, tok, cfg, 224, 448
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    s, vote_side, grpo_side = SHAPES[shape]
+    if shape == "7b" and torch.device(device).type != "cuda":
+        raise SystemExit("--shape 7b runs on a GPU only (random bf16 weights, ~17 GB)")
+    tok = common.tiny_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in common.SPECIAL_TOKENS}
+    hd = s["hidden"] // s["heads"]
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=s["vocab"] or len(tok), hidden_size=s["hidden"], intermediate_size=s["ffn"],
+                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                         max_position_embeddings=128000, rms_norm_eps=1e-6,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e6,
+                                              mrope_section=[hd // 8, 3 * hd // 16, 3 * hd // 16]),
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"], initializer_range=s["std"]),
+        vision_config=dict(depth=s["vision_depth"], hidden_size=s["vision_hidden"], intermediate_size=s["vision_ffn"],
+                           num_heads=s["vision_heads"], out_hidden_size=s["hidden"], window_size=112,
+                           fullatt_block_indexes=s["fullatt"], initializer_range=s["std"]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False, initializer_range=s["std"])
+    config._attn_implementation = "sdpa"
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = Qwen2_5_VLForConditionalGeneration(config)
+        finally:
+            torch.set_default_dtype(default)
+    cfg = dict(common.IMAGE_CFG)
+    cfg.update(max_pixels=max(vote_side, grpo_side) ** 2 + 1)
+    return model.eval(), tok, cfg, vote_side, grpo_side
+
+
+def random_images(n, side, cfg, seed=0):
+    """n noise images side x side: {key: (pixel_values, grid)} and the PIL images."""
+    rng = np.random.default_rng(seed)
+    pil = [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(n)]
+    return pil, [common.preprocess_image(im, cfg) for im in pil]
+
+
+# -----------------------------------------------------------------------------
+# timing and memory
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+@contextlib.contextmanager
+def no_stop():
+    """Our sampler without stop tokens (bench only): every row generates exactly max_new_tokens, as generate
+    does with min_new_tokens = max_new_tokens."""
+    real = common.stop_ids
+    common.stop_ids = lambda tokenizer: []
+    try:
+        yield
+    finally:
+        common.stop_ids = real
+
+
+def count_tokens():
+    """Wrap common.sample to record how many tokens each call generated: both sides must generate the same."""
+    seen, real = [], common.sample
+
+    def wrapped(*a, **kw):
+        out = real(*a, **kw)
+        seen.append(out["num_tokens"])
+        return out
+    return seen, real, wrapped
+
+
+def generate(model, ids, pix, grids, n, new_tokens, device):
+    """The baseline: transformers' generate, n samples of exactly new_tokens from one prompt."""
+    t = torch.tensor([ids], device=device)
+    out = model.generate(input_ids=t, attention_mask=torch.ones_like(t), pixel_values=torch.cat(pix).to(device),
+                         image_grid_thw=torch.tensor(grids, device=device),
+                         mm_token_type_ids=(t == model.config.image_token_id).int(), do_sample=True,
+                         num_return_sequences=n, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         temperature=1.0, top_p=1.0, top_k=0)
+    return n * (out.shape[1] - len(ids))
+
+
+# -----------------------------------------------------------------------------
+# stage: voting
+
+
+def bench_vote(model, tok, cfg, side, a, device):
+    n, K, C = a.pairs or (1 if a.quick else 4), a.votes, a.reasoning
+    root = tempfile.mkdtemp(prefix="bench_vote_")
+    pil, pre = random_images(2 * n, side, cfg)
+    pool = []
+    for i, im in enumerate(pil):
+        im.save(os.path.join(root, f"img{i}.png"))
+        pool.append(dict(image=f"img{i}.png", line=i + 1))
+    pairs = [(2 * i, 2 * i + 1) for i in range(n)]
+    prompts = common.load_prompts()
+    label_ids = vote.label_tokens(tok, prompts["compare_labels"])
+
+    def ours(no_think, new_tokens, which):
+        ns = argparse.Namespace(manifest=os.path.join(root, "manifest.jsonl"), k=K, seed=0, no_think=no_think,
+                                max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0, save_text=False)
+        for s in range(0, len(which), a.batch_pairs):
+            vote.vote_batch(model, tok, prompts, cfg, root, pool, pairs, which[s:s + a.batch_pairs], ns,
+                            label_ids if no_think else None)
+
+    def baseline(think, new_tokens, which):
+        made = 0
+        for i in which:
+            for shown, m in zip((pairs[i], pairs[i][::-1]), vote.order_counts(K, 0, i)):
+                ids = common.encode_prompt(tok, prompts, "compare", [pre[j][1] for j in shown], think=think)
+                made += generate(model, ids, [pre[j][0] for j in shown], [pre[j][1] for j in shown], m, new_tokens, device)
+        return made
+
+    seen, real, wrapped = count_tokens()
+    common.sample = wrapped
+    try:
+        with no_stop(), torch.no_grad():
+            ours(False, 2, [0]), baseline(True, 2, [0])  # warm-up
+            seen.clear()
+            t_ours, _ = timed(lambda: ours(False, C, list(range(n))), device)
+            t_exact, _ = timed(lambda: ours(True, C, list(range(n))), device)
+            t_base, made = timed(lambda: baseline(True, C, range(n)), device)
+            t_base1, made1 = timed(lambda: baseline(False, 1, range(n)), device)
+    finally:
+        common.sample = real
+    assert sum(seen) == made == n * K * C, (seen, made)  # the same tokens generated on both sides
+    assert made1 == n * K
+    prompt = len(common.encode_prompt(tok, prompts, "compare", [pre[0][1], pre[1][1]]))
+    r = dict(pairs=n, votes=K, reasoning_tokens=C, prompt_tokens=prompt,
+             baseline_pairs_s=n / t_base, ours_pairs_s=n / t_ours, speedup=t_base / t_ours,
+             no_think_pairs_s=n / t_exact, no_think_speedup_vs_reasoning_baseline=t_base / t_exact,
+             one_token_baseline_pairs_s=n / t_base1, no_think_speedup_vs_one_token_baseline=t_base1 / t_exact)
+    rows = [("generate, K/2 per order, reasoning", r["baseline_pairs_s"], 1.0),
+            ("vote.py (one prefill per order, batched)", r["ours_pairs_s"], r["speedup"]),
+            ("generate, K one-token answers (no-think)", r["one_token_baseline_pairs_s"], t_base / t_base1),
+            ("vote.py --no-think (exact, one forward)", r["no_think_pairs_s"], r["no_think_speedup_vs_reasoning_baseline"])]
+    print(f"\nvote: {n} pairs x K={K}, prompt {prompt} tokens (2 images of {side}x{side}), {C} reasoning tokens per "
+          f"vote (stopping off on both sides)")
+    print(f"  {'':44s} {'pairs/s':>9s} {'x reasoning baseline':>21s}")
+    for name, v, x in rows:
+        print(f"  {name:44s} {v:9.3f} {x:20.1f}x")
+    print(f"  --no-think vs generate of K one-token answers: {r['no_think_speedup_vs_one_token_baseline']:.1f}x")
+    return r
+
+
+# -----------------------------------------------------------------------------
+# stage: a GRPO step, shared-prefix vs plain (each side in its own process)
+
+
+def grpo_child(spec):
+    """One side of the GRPO comparison, in a fresh process; prints one JSON line."""
+    device = spec["device"]
+    torch.manual_seed(0)
+    model, tok, cfg, _, side = build_model(spec["shape"], device)
+    cuda = torch.device(device).type == "cuda"
+    if spec["grad_checkpointing"]:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    # 7b: one copy of the weights serves as the reference too (same arithmetic); AdamW's states would not fit
+    ref = model if spec["shape"] == "7b" else copy.deepcopy(model).requires_grad_(False)
+    opt = (torch.optim.SGD if spec["shape"] == "7b" else torch.optim.AdamW)(model.parameters(), lr=1e-6)
+    _, pre = random_images(2 * spec["pairs"], side, cfg)
+    images = dict(enumerate(pre))
+    prompt = {i: common.encode_prompt(tok, common.load_prompts(), "score", [images[i][1]]) for i in images}
+    C = spec["completion"] or max(1, round(len(prompt[0]) / spec["mult"]))
+    g = torch.Generator().manual_seed(0)
+    rows = [(prompt[i], i, torch.randint(0, 256, (C,), generator=g).tolist()) for i in images for _ in range(spec["k"])]
+    adv = torch.randn(len(rows), generator=g).to(device)
+    fn = train_grpo.shared_prefix_logprobs if spec["path"] == "shared" else train_grpo.completion_logprobs
+    micro = spec["micro_batch"] or spec["k"]
+    chunks = [list(range(s, min(s + micro, len(rows)))) for s in range(0, len(rows), micro)]
+    saved = []
+
+    def step():
+        with torch.no_grad():
+            ref_lp = [fn(ref, [rows[i] for i in c], images, 1.0)[0] for c in chunks]
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        for c, rl in zip(chunks, ref_lp):
+            store = {}
+
+            def pack(t):  # bytes autograd keeps for backward, each storage once, parameters excluded
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in params:
+                    store[ptr] = t.untyped_storage().nbytes()
+                return t
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                lp, mask = fn(model, [rows[i] for i in c], images, 1.0)
+            saved.append(sum(store.values()))
+            loss, _, _ = train_grpo.grpo_loss(lp, lp.detach(), rl, adv[c], mask, 0.2, 0.05)
+            (loss / len(rows)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocates the optimizer's state and the allocator's pools
+    saved.clear()
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS high-water mark to the current RSS
+            f.write("5")
+        base = rss("VmRSS")
+    seconds = []
+    for _ in range(spec["steps"]):
+        seconds.append(timed(step, device)[0])
+    peak = (torch.cuda.max_memory_allocated() if cuda else rss("VmHWM")) - base
+    print(json.dumps(dict(path=spec["path"], mult=spec["mult"], prompt=len(prompt[0]), completion=C,
+                          rows=len(rows), seconds=float(np.median(seconds)), peak_mib=peak / 2 ** 20,
+                          saved_mib=max(saved) / 2 ** 20)))
+
+
+def rss(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def bench_grpo(a, device):
+    out = {}
+    pairs = a.pairs or 1
+    print(f"\ngrpo step ({a.shape}): {pairs} pair(s) = {2 * pairs} images x K={a.k} completions, micro-batches of "
+          f"{a.micro_batch or a.k}, {a.steps} timed step(s) per side, each side in its own process"
+          + (", activation checkpointing" if a.grad_checkpointing else ""))
+    print(f"  {'prompt/completion':>17s} {'path':>7s} {'prompt':>6s} {'compl':>6s} {'s/step':>8s} {'peak MiB':>9s} "
+          f"{'saved MiB':>9s} {'speedup':>8s} {'less peak':>9s} {'less saved':>10s}")
+    for mult in a.mult:
+        sides = {}
+        for path in ("plain", "shared"):
+            spec = dict(shape=a.shape, device=str(device), path=path, mult=mult, k=a.k, pairs=pairs,
+                        completion=a.completion, micro_batch=a.micro_batch, steps=a.steps,
+                        grad_checkpointing=a.grad_checkpointing)
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # big blocks mmap'ed: freed memory leaves RSS
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)], env=env,
+                               capture_output=True, text=True)
+            if p.returncode != 0:
+                raise RuntimeError(f"grpo {path} x{mult} failed:\n{p.stderr[-3000:]}")
+            sides[path] = json.loads(p.stdout.strip().splitlines()[-1])
+        pl, sh = sides["plain"], sides["shared"]
+        r = dict(plain=pl, shared=sh, speedup=pl["seconds"] / sh["seconds"], peak_ratio=pl["peak_mib"] / max(sh["peak_mib"], 1e-9),
+                 saved_ratio=pl["saved_mib"] / sh["saved_mib"])
+        out[f"x{mult:g}"] = r
+        for s in (pl, sh):
+            last = s is sh
+            print(f"  {f'{mult:g}x':>17s} {s['path']:>7s} {s['prompt']:6d} {s['completion']:6d} {s['seconds']:8.3f} "
+                  f"{s['peak_mib']:9.1f} {s['saved_mib']:9.1f}" + (f" {r['speedup']:7.2f}x {r['peak_ratio']:8.2f}x "
+                                                                   f"{r['saved_ratio']:9.2f}x" if last else ""))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# stage: evaluation, distortions, decode
+
+
+def bench_eval(model, tok, cfg, side, a, device):
+    n, S, C = a.images or (2 if a.quick else 4), a.samples, a.reasoning
+    root = tempfile.mkdtemp(prefix="bench_eval_")
+    pil, pre = random_images(n, side, cfg, seed=1)
+    rows = []
+    for i, im in enumerate(pil):
+        im.save(os.path.join(root, f"img{i}.png"))
+        rows.append(dict(image=f"img{i}.png", path=os.path.join(root, f"img{i}.png")))
+    prompts = common.load_prompts()
+    ns = argparse.Namespace(no_think=False, samples=S, max_new_tokens=C, temperature=1.0, top_p=1.0, top_k=0, seed=0,
+                            save_text=False)
+
+    def baseline():
+        return sum(generate(model, common.encode_prompt(tok, prompts, "score", [p[1]]), [p[0]], [p[1]], S, C, device)
+                   for p in pre)
+    seen, real, wrapped = count_tokens()
+    evaluate.sample = wrapped  # evaluate.py imported sample by name
+    try:
+        with no_stop(), torch.no_grad():
+            evaluate.score_batch(model, tok, cfg, prompts, rows[:1], argparse.Namespace(**{**vars(ns), "max_new_tokens": 2}))
+            seen.clear()
+            t_ours, _ = timed(lambda: evaluate.score_batch(model, tok, cfg, prompts, rows, ns), device)
+            t_base, made = timed(baseline, device)
+    finally:
+        evaluate.sample = real
+    assert sum(seen) == made == n * S * C, (seen, made)
+    r = dict(images=n, samples=S, tokens=C, baseline_images_s=n / t_base, ours_images_s=n / t_ours, speedup=t_base / t_ours)
+    print(f"\neval: {n} images of {side}x{side} x {S} samples of {C} tokens, one sampler call")
+    print(f"  generate per image {r['baseline_images_s']:.3f} images/s, evaluate.py {r['ours_images_s']:.3f} images/s "
+          f"({r['speedup']:.1f}x)")
+    return r
+
+
+def bench_distort(a):
+    h, w = (96, 128) if a.quick else (768, 1024)
+    image = distort.make_test_image(h, w)
+    out = {}
+    print(f"\ndistort: seconds per type, {w}x{h}, one process")
+    print(f"  {'type':28s} {'mean s':>8s} {'worst s':>8s}")
+    for name in distort.DISTORTIONS:
+        s = []
+        for level in range(1, 6):
+            t0 = time.perf_counter()
+            distort.distort(image, name, level, distort.type_rng(0, "bench", name))
+            s.append(time.perf_counter() - t0)
+        out[name] = dict(mean=float(np.mean(s)), worst=max(s))
+        print(f"  {name:28s} {np.mean(s):8.3f} {max(s):8.3f}")
+    total = sum(v["mean"] for v in out.values())
+    print(f"  {'all 35 types, one level each':28s} {total:8.3f}")
+    return dict(size=[w, h], per_type=out, total_mean_s=total)
+
+
+def bench_decode(model, tok, cfg, side, a, device):
+    """Decode tokens/s of our sampler and of generate at the voting batch (K rows from one prompt), and the
+    bandwidth a decode step uses: the language model's weights plus the KV cache read once per token."""
+    if torch.device(device).type != "cuda":
+        print("\ndecode: CUDA only (skipped)")
+        return None
+    K, C = a.votes, a.reasoning
+    _, pre = random_images(2, side, cfg)
+    ids = common.encode_prompt(tok, common.load_prompts(), "compare", [pre[0][1], pre[1][1]])
+    images = {0: pre[0], 1: pre[1]}
+    with no_stop(), torch.no_grad():
+        common.sample(model, tok, [(ids, [0, 1])], images, n=K, max_new_tokens=2)
+        t1, _ = timed(lambda: common.sample(model, tok, [(ids, [0, 1])], images, n=K, max_new_tokens=1), device)
+        tC, _ = timed(lambda: common.sample(model, tok, [(ids, [0, 1])], images, n=K, max_new_tokens=C), device)
+        g1, _ = timed(lambda: generate(model, ids, [pre[0][0], pre[1][0]], [pre[0][1], pre[1][1]], K, 1, device), device)
+        gC, _ = timed(lambda: generate(model, ids, [pre[0][0], pre[1][0]], [pre[0][1], pre[1][1]], K, C, device), device)
+    tc = model.config.text_config
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "visual" not in n)
+    kv_per_token = 2 * tc.num_hidden_layers * tc.num_key_value_heads * (tc.hidden_size // tc.num_attention_heads) * 2
+    kv_read = sum(K * (len(ids) + t) * kv_per_token for t in range(C - 1))  # bytes over the C-1 decode steps
+    gbps = (weights * (C - 1) + kv_read) / (tC - t1) / 1e9
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_GBPS.items() if k in name), None)
+    r = dict(rows=K, tokens=C, prompt_tokens=len(ids), ours_decode_tok_s=K * (C - 1) / (tC - t1),
+             generate_decode_tok_s=K * (C - 1) / (gC - g1), bandwidth_gbps=gbps,
+             bandwidth_fraction=gbps / peak if peak else None, device=name)
+    print(f"\ndecode ({name}): {K} rows from one prompt of {len(ids)} tokens, {C} tokens each")
+    print(f"  ours {r['ours_decode_tok_s']:.0f} tok/s, generate {r['generate_decode_tok_s']:.0f} tok/s; ours reads "
+          f"{gbps:.0f} GB/s" + (f" = {gbps / peak:.0%} of the {peak} GB/s peak" if peak else ""))
+    return r
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.child:
+        return grpo_child(json.loads(a.child))
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    stages = a.stage or (["vote", "grpo", "eval", "distort"] + (["decode"] if device.type == "cuda" else []))
+    if a.quick:
+        a.votes, a.k, a.samples, a.steps, a.mult = min(a.votes, 4), min(a.k, 3), min(a.samples, 2), 1, a.mult[-1:]
+    a.reasoning = a.reasoning or (4 if a.quick else 256 if a.shape == "7b" else 32)
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    machine = dict(device=str(device), cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                   load=os.getloadavg()[0], torch=torch.__version__, date=time.strftime("%Y-%m-%d", time.gmtime()))
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name()
+    print(f"bench: shape {a.shape}, stages {' '.join(stages)}; {json.dumps(machine)}")
+    results = dict(bench="evoquality", shape=a.shape, machine=machine)
+    needs_model = [s for s in stages if s in ("vote", "eval", "decode")]
+    if needs_model:
+        model, tok, cfg, side, _ = build_model(a.shape, device)
+        n = sum(p.numel() for p in model.parameters())
+        print(f"model: {a.shape}, {n / 1e6:.1f}M parameters ({sum(p.numel() for p in model.model.visual.parameters()) / 1e6:.1f}M "
+              f"vision), {next(model.parameters()).dtype}")
+        for s in needs_model:
+            results[s] = dict(vote=bench_vote, eval=bench_eval, decode=bench_decode)[s](model, tok, cfg, side, a, device)
+        del model
+    if "grpo" in stages:
+        results["grpo"] = bench_grpo(a, device)
+    if "distort" in stages:
+        results["distort"] = bench_distort(a)
+    results["machine"]["load_end"] = os.getloadavg()[0]
+    print(json.dumps(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
