@@ -17,7 +17,7 @@ Stages, each printed as a table, then ONE JSON line with every number:
            vote probabilities from one forward per order) vs the same baseline and vs generate of K one-token answers
   grpo     seconds and peak memory per GRPO step (reference log-probs, policy forward+backward, optimizer step; no
            sampling), train_grpo's shared-prefix path vs its plain path, at prompt = 1x and 4x the completion. Each
-           side runs in its own process. Memory on CPU: peak RSS over the step above the RSS before it (the kernel's
+           side runs in its own processes: one timed, one measured. Memory on CPU: peak RSS over the step above the RSS before it (the kernel's
            high-water mark, reset just before; large blocks mmap'ed so freed memory leaves RSS), and the bytes autograd
            saved for backward (activations, parameters excluded); on CUDA torch.cuda.max_memory_allocated
   eval     images/s: evaluate.py's score_batch vs generate(num_return_sequences=--samples) per image
@@ -68,6 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--shape", default="small", choices=("tiny", "small", "7b"))
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every code path")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: with 2 on a 2-core machine that runs anything else, elementwise ops "
+                        "slow down ~6x from oversubscription and the ratios stop being repeatable)")
     # voting / evaluation
     p.add_argument("--pairs", type=int, default=None, help="pairs voted (vote), or per GRPO step (grpo: the paper's 4)")
     p.add_argument("--votes", type=int, default=32, help="votes per pair, K/2 per order (paper: 32)")
@@ -326,6 +329,14 @@ def rss(field):
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
+def run_child(spec, threads, env):
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec), "--threads", str(threads)],
+                       env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"grpo {spec['path']} x{spec['mult']} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def bench_grpo(a, device):
     out = {}
     pairs = a.pairs or 1
@@ -340,12 +351,10 @@ def bench_grpo(a, device):
             spec = dict(shape=a.shape, device=str(device), path=path, mult=mult, k=a.k, pairs=pairs,
                         completion=a.completion, micro_batch=a.micro_batch, steps=a.steps,
                         grad_checkpointing=a.grad_checkpointing)
-            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # big blocks mmap'ed: freed memory leaves RSS
-            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)], env=env,
-                               capture_output=True, text=True)
-            if p.returncode != 0:
-                raise RuntimeError(f"grpo {path} x{mult} failed:\n{p.stderr[-3000:]}")
-            sides[path] = json.loads(p.stdout.strip().splitlines()[-1])
+            # seconds under the default allocator; memory in a second run with big blocks mmap'ed, so that freed
+            # memory leaves RSS and the high-water mark is the step's peak (the page faults would slow the timing)
+            timing, memory = (run_child(spec, a.threads, env) for env in (os.environ, dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")))
+            sides[path] = dict(memory, seconds=timing["seconds"])
         pl, sh = sides["plain"], sides["shared"]
         r = dict(plain=pl, shared=sh, speedup=pl["seconds"] / sh["seconds"], peak_ratio=pl["peak_mib"] / max(sh["peak_mib"], 1e-9),
                  saved_ratio=pl["saved_mib"] / sh["saved_mib"])
@@ -451,6 +460,7 @@ def bench_decode(model, tok, cfg, side, a, device):
 
 def main(argv=None):
     a = parse_args(argv)
+    torch.set_num_threads(a.threads)
     if a.child:
         return grpo_child(json.loads(a.child))
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
