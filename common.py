@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageOps
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 # -----------------------------------------------------------------------------
 # prompts (paper Table 1, verbatim; `<image>` marks where an image goes)
@@ -408,37 +409,34 @@ def next_token(logits, temperature, top_p, top_k, generators, counts):
                       for p, g in zip(probs.split(counts), generators)])
 
 
-def decode_cache(cache, rows, room):
-    """The prompts' KV cache copied to the sample rows `rows`, in buffers with room for `room` more tokens."""
-    from transformers.cache_utils import Cache, DynamicLayer
+class DecodeLayer(DynamicLayer):
+    """
+    One layer's KV cache while decoding: the prompt's keys/values copied to each sample's row, in a buffer with
+    room for `room` more tokens that are written in place (DynamicLayer's torch.cat copies the whole cache at every
+    token: 80% of a CPU decode's time in bench.py before this).
+    """
 
-    class DecodeLayer(DynamicLayer):
-        # written in place: DynamicLayer's torch.cat would copy the whole cache at every token
-        def __init__(self, layer):
-            super().__init__()
-            k, v = layer.keys[rows], layer.values[rows]
-            self.length = k.shape[-2]
-            self.k, self.v = (x.new_empty(*x.shape[:2], self.length + room, x.shape[-1]) for x in (k, v))
-            self.k[:, :, :self.length], self.v[:, :, :self.length] = k, v
-            self.keys, self.values = k, v
-            self.device, self.is_initialized = k.device, True
+    def __init__(self, layer, rows, room):
+        super().__init__()
+        k, v = layer.keys[rows], layer.values[rows]
+        self.length = k.shape[-2]
+        self.k, self.v = (x.new_empty(*x.shape[:2], self.length + room, x.shape[-1]) for x in (k, v))
+        self.k[:, :, :self.length], self.v[:, :, :self.length] = k, v
+        self.keys, self.values = k, v
+        self.device, self.is_initialized = k.device, True
 
-        def update(self, key_states, value_states, *args, **kwargs):
-            n = key_states.shape[-2]
-            self.k[:, :, self.length:self.length + n] = key_states
-            self.v[:, :, self.length:self.length + n] = value_states
-            self.length += n
-            self.keys, self.values = self.k[:, :, :self.length], self.v[:, :, :self.length]
-            return self.keys, self.values
-
-    return Cache(layers=[DecodeLayer(layer) for layer in cache.layers])
+    def update(self, key_states, value_states, *args, **kwargs):
+        n = key_states.shape[-2]
+        self.k[:, :, self.length:self.length + n] = key_states
+        self.v[:, :, self.length:self.length + n] = value_states
+        self.length += n
+        self.keys, self.values = self.k[:, :, :self.length], self.v[:, :, :self.length]
+        return self.keys, self.values
 
 
 @torch.no_grad()
 def prefill(model, requests, images, pad_id=0):
     """One forward over the left-padded prompts: (last-position logits [B, V], cache, mask, next positions)."""
-    from transformers import DynamicCache
-
     x, mask, pos, next_pos = batch_inputs(model, requests, images, pad_id=pad_id)
     cache = DynamicCache(config=model.config.text_config)
     out = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
@@ -462,7 +460,7 @@ def sample(model, tokenizer, requests, images, n=1, max_new_tokens=256, temperat
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids(tokenizer)[0]
     logits, cache, mask, next_pos = prefill(model, requests, images, pad_id=pad)
     rows = torch.repeat_interleave(torch.arange(len(requests)), counts).to(device)
-    cache = decode_cache(cache, rows, max_new_tokens)
+    cache = Cache(layers=[DecodeLayer(layer, rows, max_new_tokens) for layer in cache.layers])
     logits, mask, next_pos = logits[rows], mask[rows], next_pos[rows]
     R, L = mask.shape
     seeds = [seed] if isinstance(seed, int) else list(seed)
