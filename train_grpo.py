@@ -52,6 +52,9 @@ def parse_args(argv=None):
     ap.add_argument("--batch-pairs", type=int, default=4, help="pairs per step per rank (the paper's B)")
     ap.add_argument("--batch-groups", type=int, default=0,
                     help="instead: G whole groups of pairs sharing a reference image per step per rank")
+    ap.add_argument("--group-by", default="ref", help="the fields a group's pairs share, as vote.py's --group-by: "
+                    "ref,distortion makes one group per (reference, type); an original (distortion null) goes "
+                    "with its partner's type")
     ap.add_argument("--epochs", type=int, default=1, help="passes over the pairs")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
     # rollouts
@@ -97,10 +100,28 @@ def parse_args(argv=None):
 # data: vote.py's pairs, checked before any training, grouped into per-step batches
 
 
-def load_labels(paths, image_root=None):
+def pair_group(row, fields):
+    """
+    The values of `fields` a pair's two images share (from the row's <field>_a / <field>_b), or None. The first
+    field (the reference) must be set and equal on both sides; a later field null on one side takes the other
+    side's value, so a pair (original, blurred) groups with the blurred pairs; two different values: None.
+    """
+    key = []
+    for n, f in enumerate(fields):
+        va, vb = row.get(f + "_a"), row.get(f + "_b")
+        if n == 0 and (va is None or vb is None):  # no shared reference
+            return None
+        if va is not None and vb is not None and va != vb:
+            return None
+        key.append(va if va is not None else vb)
+    return tuple(key)
+
+
+def load_labels(paths, image_root=None, group_by=("ref",)):
     """
     [{a, b, names, p, group}]: a, b resolved image paths, names the paths as written (they seed the rollouts,
-    so a moved data directory samples the same), p = p*(a, b) of Eq. 1. Errors name file and row.
+    so a moved data directory samples the same), p = p*(a, b) of Eq. 1, group the pair's (file, shared values
+    of group_by). Errors name file and row.
     """
     pairs = []
     for path in paths:
@@ -117,9 +138,9 @@ def load_labels(paths, image_root=None):
             for s, f in (("a", a), ("b", b)):
                 if not os.path.isfile(f):
                     raise ValueError(f"{where}: image '{s}' not found: {f}")
-            # vote.py groups pairs by their shared reference; a pair without one is its own group
-            ref = row.get("ref_a") if row.get("ref_a") is not None and row.get("ref_a") == row.get("ref_b") else None
-            group = (path, ref) if ref is not None else (path, n)
+            # vote.py groups pairs by their shared reference (and type); a pair without one is its own group
+            key = pair_group(row, group_by)
+            group = (path, *key) if key is not None else (path, n)
             pairs.append(dict(a=a, b=b, names=(row["a"], row["b"]), p=float(row["p"]), group=group))
     if not pairs:
         raise ValueError(f"{' '.join(paths)}: no labelled pairs")
@@ -445,7 +466,7 @@ def main(argv=None):
     rank, world, device = common.dist_setup()
     device = torch.device(args.device) if args.device and world == 1 else device
     prompts = common.load_prompts(args.prompts)
-    units = make_units(load_labels(args.labels, args.image_root), args.batch_groups > 0)
+    units = make_units(load_labels(args.labels, args.image_root, args.group_by.split(",")), args.batch_groups > 0)
     per_rank = args.batch_groups or args.batch_pairs
     steps_per_epoch = len(units) // (per_rank * world)
     if steps_per_epoch == 0:

@@ -121,6 +121,24 @@ def test_groups_stay_whole_and_ranks_split_the_global_batch(tmp_path):
             assert len({p["group"] for p in share}) == 1
 
 
+def test_group_by_reference_and_type_puts_the_original_with_its_partners_type(tmp_path):
+    write_labels(tmp_path, n_pairs=6)
+    pair = lambda i, j, ta, tb, ref="r0": dict(a=f"img{i}.png", b=f"img{j}.png", p=1, ref_a=ref, ref_b=ref,
+                                               distortion_a=ta, distortion_b=tb)
+    rows = [pair(0, 1, None, "blur"), pair(1, 2, "blur", "blur"), pair(0, 3, None, "noise"), pair(3, 4, "noise", None),
+            pair(1, 3, "blur", "noise"), pair(5, 6, "blur", "blur", ref="r1"), pair(0, 7, None, None)]
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = str(tmp_path / "g.jsonl")
+    groups = [p["group"][1:] for p in train_grpo.load_labels([path], group_by=["ref", "distortion"])]
+    assert groups[:4] == [("r0", "blur"), ("r0", "blur"), ("r0", "noise"), ("r0", "noise")]
+    assert groups[4] == (5,)  # two types: a group of its own (its row number)
+    assert groups[5:] == [("r1", "blur"), ("r0", None)]
+    units = train_grpo.make_units(train_grpo.load_labels([path], group_by=["ref", "distortion"]), by_groups=True)
+    assert sorted(map(len, units)) == [1, 1, 1, 2, 2]
+    # the default: one group per reference, as before
+    assert sorted(map(len, train_grpo.make_units(train_grpo.load_labels([path]), by_groups=True))) == [1, 6]
+
+
 # -----------------------------------------------------------------------------
 # log-probs and the loss
 

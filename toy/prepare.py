@@ -18,9 +18,14 @@ Like Qwen2.5-VL in the paper, the base compares better than it scores:
 - compare (toy/prompts.json, answers A / B): taught which of two images of one (crop, type) group has the lower
   level, first on clean labels, then on soft 0.7 / 0.3 targets, so that one sampled vote is noisy but a
   majority of many is right;
-- score (answer a digit 1-5): taught the true quality for ONE distortion type only, and a fresh random digit
-  for every other image each time it is seen, so its sampled scores spread over all five digits (room for GRPO
-  to explore) and carry a weak signal that EvoQuality has to sharpen and spread to the other types.
+- score (answer a digit 1-5): taught the answer's FORMAT only: a fresh random digit for every image each time
+  it is seen, so its sampled scores spread over all five digits (room for GRPO to explore) and rank nothing.
+  What a good image is, EvoQuality has to carry over from the compare answer to the score by itself.
+  (--score-type T also teaches the true quality of type T's images. Not the demo's choice: the compare training
+  builds a quality feature that the taught type's scores then read for EVERY type, so the base already ranked
+  the training images of each (crop, type) group by its expected score (SRCC 0.92 within groups, blur taught),
+  left GRPO nothing to learn on its training pairs, and round 1 only narrowed the sampled scores' spread.
+  Untaught, the base's within-group SRCC on the training pool is -0.09, and round 1 lifts it to 0.73.)
 The ground truth is the level: within a (crop, type) group, a lower level is better; `mos` = 5 - level.
 
 A warm-up step encodes the images of a few (crop, type) groups once through the vision tower and asks many
@@ -57,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=56, help="crop side in pixels (56 -> 4 visual tokens)")
     p.add_argument("--types", default=",".join(TYPES), help="distortion types of the toy pools")
     p.add_argument("--prompts", default=os.path.join(ROOT, "toy", "prompts.json"), help="the demo's prompts")
-    p.add_argument("--score-type", default="blur_gaussian", help="the one type whose scores the warm-up teaches")
+    p.add_argument("--score-type", default="none",
+                   help="the one type whose scores the warm-up teaches; none (the demo): no type, only the format")
     # warm-up
     p.add_argument("--steps", type=int, default=1200, help="optimiser steps")
     p.add_argument("--clean-steps", type=int, default=800, help="steps on clean compare labels before soft ones")
@@ -159,9 +165,9 @@ def warm_up(model, tok, prompts, rows, images, args, log=print):
     def score_digit(r):
         if r["distortion"] == args.score_type:
             return int(round(5 - 0.8 * r["level"]))  # level 0..5 -> 5 4 3 3 2 1
-        # no signal: a fresh random digit each time, so the answer stays near uniform (sampled scores rank nothing),
-        # but its small tilt, borrowed from the compare training, still orders the images of a group (the report's
-        # expected score). A fixed digit per image (too few steps to memorise) changed neither.
+        # no signal: a fresh random digit each time, so the answer stays near uniform (sampled scores rank nothing).
+        # With a taught type, the small tilt it gives the others, borrowed from the compare training, still ordered
+        # the images of a group (the report's expected score). A fixed digit per image changed neither.
         return int(rng.integers(1, 6))
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
