@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import zlib
 
 import numpy as np
@@ -247,7 +248,8 @@ def load_model(spec, device="cpu", dtype=None, attn="sdpa"):
         model.config._attn_implementation = attn
         image_cfg.update(min_pixels=56 * 56, max_pixels=224 * 224)
     else:
-        if os.path.sep in spec and not os.path.isdir(spec) or spec.startswith((".", "/", "~")) and not os.path.isdir(spec):
+        looks_local = spec.startswith((".", "/", "~")) or spec.count("/") != 1 or os.path.exists(spec)  # hub: org/name
+        if looks_local and not os.path.isdir(spec):
             raise ValueError(f"model '{spec}': no such directory; expected 'tiny', a Qwen2.5-VL checkpoint "
                              f"directory or a hub id like Qwen/Qwen2.5-VL-7B-Instruct")
         try:
@@ -274,7 +276,6 @@ def save_checkpoint(model, tokenizer, image_cfg, out_dir):
     """A Hugging Face model directory (config, safetensors, tokenizer, pixel limits), written atomically."""
     tmp = out_dir.rstrip("/") + ".tmp"
     if os.path.isdir(tmp):
-        import shutil
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
@@ -284,7 +285,6 @@ def save_checkpoint(model, tokenizer, image_cfg, out_dir):
         json.dump(pre, f, indent=2)
     if os.path.isdir(out_dir):  # replace an older save of the same step
         os.rename(out_dir, out_dir.rstrip("/") + ".old")
-        import shutil
         shutil.rmtree(out_dir.rstrip("/") + ".old")
     os.rename(tmp, out_dir)
 

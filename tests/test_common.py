@@ -184,6 +184,16 @@ def test_bad_model_spec_says_what_was_expected(tmp_path):
         common.load_model(str(tmp_path))
 
 
+def test_hub_id_goes_to_the_hub_not_the_disk():
+    """org/name is a hub id: offline it fails on the download, not as a missing directory."""
+    import subprocess
+    import sys
+    code = "import common\ntry:\n    common.load_model('Qwen/Qwen2.5-VL-7B-Instruct')\nexcept ValueError as e:\n    print(e)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(common.__file__),
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=120).stdout
+    assert "cannot load a config" in out and "no such directory" not in out
+
+
 def test_checkpoint_round_trip(tiny, tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
