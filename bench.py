@@ -199,8 +199,12 @@ def generate(model, ids, pix, grids, n, new_tokens, device):
 
 
 def bench_vote(model, tok, cfg, side, a, device):
+    with tempfile.TemporaryDirectory(prefix="bench_vote_") as root:  # the pairs' image files, as vote.py reads them
+        return _bench_vote(model, tok, cfg, side, a, device, root)
+
+
+def _bench_vote(model, tok, cfg, side, a, device, root):
     n, K, C = a.pairs or (1 if a.quick else 4), a.votes, a.reasoning
-    root = tempfile.mkdtemp(prefix="bench_vote_")
     pil, pre = random_images(2 * n, side, cfg)
     pool = []
     for i, im in enumerate(pil):
@@ -372,8 +376,12 @@ def bench_grpo(a, device):
 
 
 def bench_eval(model, tok, cfg, side, a, device):
+    with tempfile.TemporaryDirectory(prefix="bench_eval_") as root:  # the images, as evaluate.py reads them
+        return _bench_eval(model, tok, cfg, side, a, device, root)
+
+
+def _bench_eval(model, tok, cfg, side, a, device, root):
     n, S, C = a.images or (2 if a.quick else 4), a.samples, a.reasoning
-    root = tempfile.mkdtemp(prefix="bench_eval_")
     pil, pre = random_images(n, side, cfg, seed=1)
     rows = []
     for i, im in enumerate(pil):

@@ -46,7 +46,7 @@ from scipy.optimize import OptimizeWarning, curve_fit
 from scipy.stats import rankdata
 from tqdm import tqdm
 
-from common import (append_jsonl, dist_cleanup, dist_setup, drop_torn_tail, encode_prompt, load_image, load_model, load_prompts,
+from common import (append_jsonl, dist_exit, dist_setup, drop_torn_tail, encode_prompt, load_image, load_model, load_prompts,
                     parse_score, preprocess_image, print0, prompt_text, read_jsonl, read_jsonl_lines, read_partial_jsonl, sample, shard,
                     stable_seed, write_atomic, write_jsonl_atomic)
 
@@ -413,7 +413,7 @@ def main(argv=None):
         print(format_table(report))
         print(json.dumps({name: {m: d[m] for m in ("n", "plcc", "srcc")}
                           for name, d in dict(report["datasets"], WAVG=report["wavg"]).items()}), flush=True)
-    dist_cleanup()
+    dist_exit()
 
 
 if __name__ == "__main__":

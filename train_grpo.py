@@ -600,7 +600,7 @@ def main(argv=None):
         os.symlink(os.path.basename(last), link + ".tmp")
         os.replace(link + ".tmp", link)  # atomic: `final` always names a complete checkpoint
         common.print0(f"done: {total} steps, model at {link} -> {os.path.basename(last)}")
-    common.dist_cleanup()
+    common.dist_exit()
 
 
 if __name__ == "__main__":

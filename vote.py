@@ -398,7 +398,7 @@ def main(argv=None):
             os.remove(path)
         common.print0(f"wrote {args.out}")
         summarize([rows[i] for i in range(len(pairs))])
-    common.dist_cleanup()
+    common.dist_exit()
 
 
 if __name__ == "__main__":

@@ -320,7 +320,7 @@ if rank == 0:
     ((lp * w).sum() / world).backward()
     err = {{n: ((grads[n] - p.grad).norm() / p.grad.norm()).item() for n, p in plain.named_parameters()}}
     print("RESULT", json.dumps(dict(max_rel=max(err.values()), worst=max(err, key=err.get), n=len(err))))
-common.dist_cleanup()
+common.dist_exit()
 """
 
 
