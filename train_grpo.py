@@ -257,10 +257,17 @@ def completion_logprobs(model, rows, images, temperature):
                    pixel_values=pixels, image_grid_thw=grids, use_cache=False, logits_to_keep=keep).logits
     # completion token j of row b sits at P_b + j and is predicted by the logits at P_b + j - 1
     at = torch.tensor([[p - 1 + j - (L - keep) for j in range(T)] for p in P], device=device).clamp(max=keep - 1)
-    logits = logits[torch.arange(len(rows), device=device)[:, None], at].float() / temperature
-    tok = torch.tensor([c + [0] * (T - len(c)) for _, _, c in rows], device=device)
-    cmask = torch.tensor([[j < len(c) for j in range(T)] for _, _, c in rows], device=device).float()
-    return logits.log_softmax(-1).gather(-1, tok[..., None]).squeeze(-1) * cmask, cmask
+    return completion_token_logprobs(logits[torch.arange(len(rows), device=device)[:, None], at], rows, temperature)
+
+
+def completion_token_logprobs(logits, rows, temperature):
+    """[N, T] log-probs of each row's completion tokens at the sampling temperature (0 past a completion's end) and
+    the [N, T] mask, from the [N, T, V] logits that predict them. Both log-prob paths end here."""
+    T = logits.shape[1]
+    tok = torch.tensor([c + [0] * (T - len(c)) for _, _, c in rows], device=logits.device)
+    mask = torch.tensor([[j < len(c) for j in range(T)] for _, _, c in rows], device=logits.device).float()
+    logp = (logits.float() / temperature).log_softmax(-1).gather(-1, tok[..., None]).squeeze(-1)
+    return logp * mask, mask
 
 
 # -----------------------------------------------------------------------------
@@ -357,10 +364,7 @@ def shared_prefix_logprobs(model, rows, images, temperature):
         serving = Cache(layers=[PrefixLayer(m.keys[which], m.values[which]) for m in recorded.layers])
         rest = model(input_ids=cids.to(device), attention_mask=torch.cat([mask[which], cmask.to(device)], 1),
                      position_ids=cpos.to(device), cache=serving, use_cache=True).logits
-    logits = torch.cat([first[which, None], rest[:, :T - 1]], 1).float() / temperature
-    tok = torch.tensor([c + [0] * (T - len(c)) for _, _, c in rows], device=device)
-    valid = torch.tensor([[j < len(c) for j in range(T)] for _, _, c in rows], device=device).float()
-    return logits.log_softmax(-1).gather(-1, tok[..., None]).squeeze(-1) * valid, valid
+    return completion_token_logprobs(torch.cat([first[which, None], rest[:, :T - 1]], 1), rows, temperature)
 
 
 def grpo_loss(logp, logp_old, logp_ref, adv, mask, clip_eps, beta):
