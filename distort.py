@@ -17,7 +17,9 @@ image of the pool went through the same decoder) and `<out>/<ref>__<type>_<level
 original), level (0 for the original), source (authentic | synthetic). The input manifest's other fields
 (e.g. mos) go on the original's line only: a score of the original is not a score of its variants.
 `ref` is the input's path relative to the input folder (or the common folder of a glob or manifest) without
-its extension, or the input manifest's own `ref`. A rerun skips every output already on disk.
+its extension, or the input manifest's own `ref`. A rerun skips every output already on disk; `<out>/args.json`
+records the arguments that shape the pool, and a rerun with other ones (a new --max-side, seed, ...) is refused.
+`--out` may not lie inside `--input`, nor hold any input.
 """
 import argparse
 import glob
@@ -33,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFont, features
 from scipy import ndimage, signal
 from tqdm import tqdm
 
-from common import load_image, read_jsonl_lines, write_jsonl_atomic
+from common import changed_args, check_numbers, check_out, load_image, read_jsonl_lines, write_atomic, write_jsonl_atomic
 
 
 def parse_args(argv=None):
@@ -62,6 +64,14 @@ def parse_args(argv=None):
         p.error('--input is required')
     if not (args.bench or args.sheet or args.out):
         p.error('--out is required')
+    check_numbers(p, args, positive=('max_side', 'workers'), nonnegative=('variants', 'seed'))
+    if args.sheet and not args.bench:
+        check_out(p, args.sheet, inputs=[args.input])
+    elif args.out and not args.bench:
+        check_out(p, args.out, inputs=[args.input], directory=True)
+        if os.path.isdir(args.input) and not os.path.relpath(os.path.realpath(args.out),
+                                                             os.path.realpath(args.input)).startswith('..'):
+            p.error(f'--out {args.out} is inside --input {args.input}: a rerun would take its outputs for originals')
     return args
 
 
@@ -421,18 +431,21 @@ def read_manifest(path):
     for n, row in rows:
         if 'image' not in row:
             raise ValueError(f'{path}:{n}: each line needs an "image" field')
+        for field in ('image', 'ref'):  # a number would fail later, in a worker, with no line to point at
+            if (field == 'image' or row.get(field) is not None) and not (isinstance(row[field], str) and row[field]):
+                raise ValueError(f'{path}:{n}: "{field}" must be a non-empty string, got {row[field]!r}')
     return [row for _, row in rows]
 
 
-def list_inputs(spec, skip_dir=None):
+def list_inputs(spec):
     """[(path, ref, extra fields)] for a folder, a glob or a .jsonl manifest, in a stable order."""
     base = ''  # a manifest's relative paths are relative to the manifest
     if spec.endswith('.jsonl'):
         base, rows = os.path.dirname(spec), read_manifest(spec)
     elif os.path.isdir(spec):
-        rows, skip = [], skip_dir and os.path.abspath(skip_dir)
+        rows = []
         for d, dirs, files in os.walk(spec):  # all files, so that a non-image is reported rather than ignored
-            dirs[:] = sorted(s for s in dirs if not s.startswith('.') and os.path.abspath(os.path.join(d, s)) != skip)
+            dirs[:] = sorted(s for s in dirs if not s.startswith('.'))
             rows += [{'image': os.path.join(d, f)} for f in sorted(files) if not f.startswith('.')]
     else:
         rows = [{'image': p} for p in sorted(glob.glob(spec, recursive=True)) if os.path.isfile(p)]
@@ -513,13 +526,40 @@ def bench():
     print(json.dumps({'bench': 'distort', 'size': [1024, 768], 'worst_level_seconds': worst}))
 
 
+def check_pool_folder(args, inputs):
+    """
+    Refuse a pool folder that holds inputs (a rerun would distort its own outputs again, as originals) or files made
+    with other arguments (a rerun keeps every file on disk, so a new --max-side would mix two pools); then record
+    this run's arguments in <out>/args.json. --workers is not among them: it does not change the output.
+    """
+    out = os.path.realpath(args.out)
+    inside = [path for path, _, _ in inputs if os.path.realpath(path).startswith(out + os.sep)]
+    if inside:
+        raise SystemExit(f'--out {args.out} holds {len(inside)} of the inputs (e.g. {inside[0]}): a rerun would '
+                         f'distort its own outputs; choose another --out')
+    record = dict(input=args.input, max_side=args.max_side, variants=args.variants, types=args.types,
+                  all_levels=args.all_levels, seed=args.seed)
+    saved = os.path.join(args.out, 'args.json')
+    if os.path.exists(saved):
+        changed = changed_args(saved, record)
+        if changed:
+            raise SystemExit(f'{args.out} holds a pool made with other arguments ({"; ".join(changed)}); rerun with '
+                             f'the same ones to resume, or remove it / choose another --out')
+    elif os.path.isdir(args.out) and os.listdir(args.out):
+        raise SystemExit(f'{args.out} is not empty but has no args.json, so the arguments of its files are unknown; '
+                         f'remove them or choose another --out')
+    os.makedirs(args.out, exist_ok=True)
+    write_atomic(saved, json.dumps(record, indent=1, sort_keys=True) + '\n')
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.bench:
         return bench()
-    inputs = list_inputs(args.input, skip_dir=args.out)
+    inputs = list_inputs(args.input)
     if args.sheet:
         return make_sheet(*inputs[0][:2], args.sheet, args.types, args.max_side or 256, args.seed)
+    check_pool_folder(args, inputs)
 
     bad, jobs, seen = [], [], {}
     for path, ref, extra in inputs:

@@ -25,7 +25,14 @@ Datasets are NAME=PATH (or just PATH, named after the file). PATH is
     qmos / dmos / elo_score / score) and an optional split column (split / official_split: names such as "test",
     or pyiqa's codes 0/1/2 = train/val/test). Column names are matched case-insensitively.
 Image paths are relative to --root (one DIR for every dataset, or NAME=DIR per dataset), else to the label
-file's directory. DMOS (lower is better) is flipped to mos = -dmos, so higher is always better; the report says so.
+file's directory.
+
+Score direction: a lower-is-better score (a DMOS) is flipped to mos = -score, so higher is always better. It is
+decided per file, never by its name, and printed per dataset with the reason: --lower-better / --higher-better NAME
+when given; else the content, where the image names carry the distortion level after the reference's name
+(KADID-10k, CSIQ, TID2008/2013, LIVE-MD, distort.py's pools): scores that rise with the level are a DMOS,
+whatever the column is called (KADID-10k's 'dmos' is a MOS); else LIVE IQA's layout (refimgs/, jp2k/, ...: its
+names carry no level and its 'mos' holds DMOS); else the column name ('dmos' lower, the others higher), said so.
 
 Outputs in --out: scores.jsonl (one row per image: dataset, line of the label file, image, path, mos, parsed
 scores, score, std, and with --save-text the completions), report.json, run.json (the scoring settings: a resumed
@@ -38,6 +45,7 @@ import glob
 import json
 import math
 import os
+import re
 import warnings
 
 import numpy as np
@@ -46,7 +54,8 @@ from scipy.optimize import OptimizeWarning, curve_fit
 from scipy.stats import rankdata
 from tqdm import tqdm
 
-from common import (append_jsonl, dist_exit, dist_setup, drop_torn_tail, encode_prompt, load_image, load_model, load_prompts,
+from common import (append_jsonl, check_image, check_numbers, check_out, check_sampling,
+                    dist_exit, dist_setup, drop_torn_tail, encode_prompt, load_image, load_model, load_prompts,
                     parse_score, preprocess_image, print0, prompt_text, read_jsonl, read_jsonl_lines, read_partial_jsonl, sample, shard,
                     stable_seed, write_atomic, write_jsonl_atomic)
 
@@ -57,10 +66,11 @@ from common import (append_jsonl, dist_exit, dist_setup, drop_torn_tail, encode_
 IMAGE_COLUMNS = ["dist_name", "dis_img_path", "img_name", "image name", "image", "filename"]  # first found wins
 SCORE_COLUMNS = ["mos", "mos_zscore", "qmos", "dmos", "elo_score", "score"]
 SPLIT_COLUMNS = ["split", "official_split"]
+REF_COLUMNS = ["ref_name", "ref_img_path", "hq_name"]  # a full-reference file's pristine image (direction evidence)
 LOWER_IS_BETTER = {"dmos"}
-# pyiqa files whose column name states the wrong direction (pyiqa's own dataset_info agrees): KADID-10k's "dmos"
-# is a 1..5 MOS (its mildest distortions score highest), and LIVE's "mos" holds LIVE's DMOS
-DIRECTION_BY_FILE = {"meta_info_KADID10kDataset.csv": "higher", "meta_info_LIVEIQADataset.csv": "lower"}
+# LIVE IQA's names carry no distortion level, but its layout is its own: references in refimgs/, distorted images in
+# these five folders. pyiqa's "mos" column there holds LIVE's DMOS (pyiqa's own dataset_info agrees).
+LIVE_FOLDERS = {"jp2k", "jpeg", "wn", "gblur", "fastfading"}
 SPLIT_CODES = {"0": "train", "1": "val", "2": "test"}  # pyiqa's numeric split column (KonIQ-10k: 7058/1000/2015)
 
 
@@ -75,51 +85,100 @@ def number(text, where, column):
 
 
 def read_csv_labels(path):
-    """[(line, image, score, split or None)], the score column's name, the split column's name (or None)."""
+    """[(line, image, score, split or None, reference or None)], the score column's name, the split column's."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = [h.strip().lower() for h in next(reader, [])]
-        image_col, score_col, split_col = (next((n for n in names if n in header), None)
-                                           for names in (IMAGE_COLUMNS, SCORE_COLUMNS, SPLIT_COLUMNS))
+        image_col, score_col, split_col, ref_col = (next((n for n in names if n in header), None)
+                                                    for names in (IMAGE_COLUMNS, SCORE_COLUMNS, SPLIT_COLUMNS, REF_COLUMNS))
         if image_col is None or score_col is None:
             raise ValueError(f"{path}: header {header} needs an image column (one of {IMAGE_COLUMNS}) and a score "
                              f"column (one of {SCORE_COLUMNS})")
-        i, s, p = header.index(image_col), header.index(score_col), split_col and header.index(split_col)
+        i, s, p, r = (header.index(c) if c else None for c in (image_col, score_col, split_col, ref_col))
         records = []
         for fields in reader:
             where = f"{path}:{reader.line_num}"
             if not any(x.strip() for x in fields):
                 continue
-            if len(fields) < len(header):
+            if len(fields) != len(header):  # more: a decimal comma ("3,1") or an unquoted comma shifts the columns
                 raise ValueError(f"{where}: {len(fields)} fields, the header has {len(header)}")
             if not fields[i].strip():
                 raise ValueError(f"{where}: empty {image_col}")
             records.append((reader.line_num, fields[i].strip(), number(fields[s], where, score_col),
-                            fields[p].strip() if split_col else None))
+                            fields[p].strip() if split_col else None, fields[r].strip() if ref_col else None))
     return records, score_col, split_col
 
 
 def read_manifest(path):
-    """The JSONL form: [(line, image, mos, split or None)]."""
+    """The JSONL form: [(line, image, mos, split or None, ref or None)]."""
     records = []
     for line, row in read_jsonl_lines(path):
         if not isinstance(row.get("image"), str) or not row["image"]:
             raise ValueError(f"{path}:{line}: expected {{\"image\": path, \"mos\": number}}, "
                              f"got {json.dumps(row)[:80]}")
-        records.append((line, row["image"], number(row.get("mos"), f"{path}:{line}", "mos"),
-                        None if row.get("split") is None else str(row["split"])))
+        mos = row.get("mos")
+        if isinstance(mos, (bool, str)):  # JSON true is no score, and a quoted one is a malformed file
+            raise ValueError(f"{path}:{line}: mos {mos!r} is not a number")
+        records.append((line, row["image"], number(mos, f"{path}:{line}", "mos"),
+                        None if row.get("split") is None else str(row["split"]),
+                        row["ref"] if isinstance(row.get("ref"), str) else None))
     return records, "mos", "split" if any(r[3] is not None for r in records) else None
 
 
-def lower_is_better(path, column):
-    default = "lower" if column in LOWER_IS_BETTER else "higher"
-    return DIRECTION_BY_FILE.get(os.path.basename(path), default) == "lower"
+def level_trend(records):
+    """
+    Kendall's tau between distortion level and score, over the pairs of images that share a reference and a
+    distortion type, with the level the last number of the image's name after its reference's name (KADID-10k
+    I01_01_03.png, CSIQ 1600.AWGN.3.png, TID2013 i01_01_3.bmp, LIVE-MD babygirl_blur3.bmp, distort.py's
+    ref__blur_gaussian_3.png): positive when the score rises with the distortion (a DMOS). -> (tau, pairs).
+    """
+    groups = {}
+    stem = lambda p: os.path.splitext(os.path.basename(p))[0].lower()
+    for _, image, score, _, ref in records:
+        if not ref or not stem(image).startswith(stem(ref)):
+            continue
+        rest = stem(image)[len(stem(ref)):]
+        numbers = list(re.finditer(r"\d+", rest))
+        if numbers:
+            last = numbers[-1]
+            key = (ref.lower(), os.path.dirname(image).lower(), rest[:last.start()] + "#" + rest[last.end():])
+            groups.setdefault(key, []).append((int(last.group()), score))
+    agree = disagree = 0
+    for g in groups.values():
+        level, score = np.array(g, dtype=float).T
+        sign = np.sign(level[:, None] - level[None, :]) * np.sign(score[:, None] - score[None, :])
+        agree, disagree = agree + int((sign > 0).sum()) // 2, disagree + int((sign < 0).sum()) // 2
+    return (agree - disagree) / max(agree + disagree, 1), agree + disagree
 
 
-def load_dataset(name, path, root=None, split=None, limit=None, skip_missing=False):
-    """A dataset dict: name, file, rows, and what the report says about it (score column, flip, split, missing)."""
+def score_direction(records, column, override=None):
+    """
+    (lower is better, why). In order: --lower-better / --higher-better NAME; the file's content, where the names
+    carry distortion levels (scores that rise with the level are a DMOS, whatever the column is called: KADID-10k's
+    'dmos' is a MOS); LIVE IQA's layout; the column's name, said to be only that.
+    """
+    if override is not None:
+        return override, "--lower-better" if override else "--higher-better"
+    tau, pairs = level_trend(records)
+    if pairs >= 20 and abs(tau) >= 0.5:
+        return tau > 0, (f"content: the scores {'rise' if tau > 0 else 'fall'} with the distortion level in the "
+                         f"image names, Kendall tau {tau:+.2f} over {pairs} same-reference pairs")
+    if all((r[4] or "").startswith("refimgs/") and r[1].split("/")[0] in LIVE_FOLDERS for r in records):
+        return True, ("LIVE IQA's layout (refimgs/, jp2k/, ...): its score column holds DMOS; the names carry no "
+                      "level to check it against; --higher-better NAME overrides")
+    evidence = (f"the numbers in the image names do not track the scores, Kendall tau {tau:+.2f} over {pairs} pairs"
+                if pairs >= 20 else "no distortion levels in the image names to check it against")
+    return column in LOWER_IS_BETTER, (f"the column name '{column}' alone ({evidence}); --lower-better / "
+                                       f"--higher-better NAME overrides")
+
+
+def load_dataset(name, path, root=None, split=None, limit=None, skip_missing=False, lower=None):
+    """
+    A dataset dict: name, file, rows, and what the report says about it (score column, direction and why, split,
+    missing and unreadable files skipped). `lower`: the --lower-better (True) / --higher-better (False) override.
+    """
     records, column, split_col = read_manifest(path) if path.endswith(".jsonl") else read_csv_labels(path)
-    flipped = lower_is_better(path, column)
+    flipped, direction = score_direction(records, column, lower)  # from the whole file, before --split / --limit
     if split and split_col:
         seen = sorted({str(r[3]) for r in records})
         records = [r for r in records if split.lower() in ((r[3] or "").lower(), SPLIT_CODES.get(r[3]))]
@@ -130,18 +189,30 @@ def load_dataset(name, path, root=None, split=None, limit=None, skip_missing=Fal
         raise ValueError(f"{path}: no rows")
     root = root or os.path.dirname(path)
     rows = [dict(dataset=name, line=line, image=image, path=os.path.join(root, image), mos=-score if flipped else score)
-            for line, image, score, _ in records]
+            for line, image, score, _, _ in records]
     missing = [r["path"] for r in rows if not os.path.exists(r["path"])]
     if missing and not skip_missing:
         raise ValueError(f"{name}: {len(missing)} of {len(rows)} image files are missing, e.g. {missing[:5]}; check "
                          f"--root or pass --skip-missing to drop them")
-    rows = [r for r in rows if os.path.exists(r["path"])] if missing else rows
+    unreadable = {}
+    for image in dict.fromkeys(r["path"] for r in rows).keys() - set(missing):  # headers only, 0.07 ms a file
+        try:
+            check_image(image)
+        except ValueError as e:
+            unreadable[image] = str(e)
+    if unreadable and not skip_missing:
+        raise ValueError(f"{name}: {len(unreadable)} of {len(rows)} image files cannot be read, e.g. "
+                         f"{'; '.join(sorted(unreadable.values())[:3])}; pass --skip-missing to drop them")
+    skipped = [dict(path=p, reason="missing") for p in missing] + [dict(path=p, reason=unreadable[p])
+                                                                   for p in sorted(unreadable)]
+    gone = set(missing) | unreadable.keys()
+    rows = [r for r in rows if r["path"] not in gone]
     if not rows:
-        raise ValueError(f"{name}: every image file is missing")
+        raise ValueError(f"{name}: no image file can be read")
     if split and not split_col:
         split = f"{split} requested, but the file has no split column: all rows kept"
-    return dict(name=name, file=path, rows=rows, score_column=column, flipped=flipped, missing=len(missing),
-                split=split)
+    return dict(name=name, file=path, rows=rows, score_column=column, flipped=flipped, direction=direction,
+                missing=len(missing), skipped=skipped, split=split)
 
 
 def split_name(spec):
@@ -161,17 +232,28 @@ def aggregate(texts):
 
 
 def score_batch(model, tokenizer, image_cfg, prompts, rows, args):
-    images = {i: preprocess_image(load_image(row["path"]), image_cfg) for i, row in enumerate(rows)}
+    images, unreadable = {}, {}
+    for i, row in enumerate(rows):  # a file cut short after its header passed load_dataset's check fails here
+        try:
+            images[i] = preprocess_image(load_image(row["path"]), image_cfg)
+        except ValueError as e:
+            if not args.skip_missing:
+                raise ValueError(f"{e} ({row['dataset']}, line {row['line']}); pass --skip-missing to skip "
+                                 f"unreadable images") from None
+            unreadable[i] = str(e)
     requests = [(encode_prompt(tokenizer, prompts, "score", [images[i][1]], think=not args.no_think), [i])
-                for i in range(len(rows))]
+                for i in images]
     # one seed per image, from its name: its samples do not depend on the batch, the rank or a resume
     out = sample(model, tokenizer, requests, images, n=args.samples, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                 seed=[stable_seed(args.seed, row["image"]) for row in rows])
-    results = []
+                 seed=[stable_seed(args.seed, rows[i]["image"]) for i in images]) if images else dict(texts=[])
+    results, texts = [], iter(out["texts"])  # rows come request by request
     for i, row in enumerate(rows):
-        texts = out["texts"][i * args.samples:(i + 1) * args.samples]
-        results.append(row | aggregate(texts) | (dict(texts=texts) if args.save_text else {}))
+        if i in unreadable:  # counted and listed in the report, never scored
+            results.append(row | dict(scores=[], score=None, std=None, unreadable=unreadable[i]))
+            continue
+        mine = [next(texts) for _ in range(args.samples)]
+        results.append(row | aggregate(mine) | (dict(texts=mine) if args.save_text else {}))
     return results
 
 
@@ -249,12 +331,15 @@ def build_report(datasets, results, settings, plcc, baseline=None):
         rows = [results[(ds["name"], r["line"])] | dict(mos=r["mos"]) for r in ds["rows"]]
         valid = [r for r in rows if r["score"] is not None]
         stds = [r["std"] for r in rows if r["std"] is not None]
+        failed = [dict(path=r["path"], reason=r["unreadable"]) for r in rows if r.get("unreadable")]  # at decode
+        skipped = ds["skipped"] + failed
         per[ds["name"]] = dict(
-            file=ds["file"], n=len(valid), invalid=len(rows) - len(valid), missing=ds["missing"],
+            file=ds["file"], n=len(valid), invalid=len(rows) - len(valid) - len(failed), missing=ds["missing"],
+            unreadable=len(skipped) - ds["missing"], skipped=skipped,
             **correlate([r["score"] for r in valid], [r["mos"] for r in valid], plcc),
             spread=float(np.mean(stds)) if stds else None,  # mean per-image std of the valid sampled scores
             mean_score=float(np.mean([r["score"] for r in valid])) if valid else None,
-            score_column=ds["score_column"], flipped=ds["flipped"], split=ds["split"])
+            score_column=ds["score_column"], flipped=ds["flipped"], direction=ds["direction"], split=ds["split"])
     scored = [d for d in per.values() if d["plcc"] is not None]
     total = sum(d["n"] for d in scored)
     wavg = dict(n=total, invalid=sum(d["invalid"] for d in per.values()),  # weights: images in each correlation
@@ -266,6 +351,12 @@ def build_report(datasets, results, settings, plcc, baseline=None):
                                      if d[m] is not None and base[name].get(m) else None for m in ("plcc", "srcc")}
                               for name, d in dict(per, WAVG=wavg).items() if name in base}
     return report
+
+
+def direction_line(d):
+    col = d["score_column"]
+    return (f"'{col}' is {'lower' if d['flipped'] else 'higher'}-is-better ({d['direction']})"
+            + (f": flipped to mos = -{col}" if d["flipped"] else ""))
 
 
 def format_table(report):
@@ -287,12 +378,13 @@ def format_table(report):
     lines.append(f"PLCC {method}. n: images with a valid score; invalid: images with none (left out); spread: mean "
                  f"per-image std of the sampled scores" + ("; (%): change relative to the baseline" if delta else ""))
     for name, d in report["datasets"].items():
-        if d["flipped"]:
-            lines.append(f"  {name}: '{d['score_column']}' is lower-is-better: flipped to mos = -{d['score_column']}")
+        lines.append(f"  {name}: {direction_line(d)}")
         if d["plcc_method"] not in ("logistic", "raw"):
             lines.append(f"  {name}: PLCC {d['plcc_method']}")
-        if d["missing"]:
-            lines.append(f"  {name}: {d['missing']} missing image files skipped")
+        if d["skipped"]:
+            lines.append(f"  {name}: skipped {d['missing']} missing and {d['unreadable']} unreadable image files: "
+                         + ", ".join(s["path"] for s in d["skipped"][:5]) + (", ... (report.json lists them all)"
+                                                                             if len(d["skipped"]) > 5 else ""))
         if d["split"]:
             lines.append(f"  {name}: split {d['split']}")
     return "\n".join(lines)
@@ -311,8 +403,14 @@ def parse_args(argv=None):
                    help="image directory: DIR for every dataset, or NAME=DIR for one; repeatable "
                         "(default: the label file's directory)")
     p.add_argument("--split", default=None, help="keep only this split where the file has a split column (e.g. test)")
-    p.add_argument("--skip-missing", action="store_true", help="drop rows whose image file is missing (counted)")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="drop rows whose image file is missing or cannot be read (counted and listed in the report)")
     p.add_argument("--limit", type=int, default=None, help="first N rows per dataset (after --split), for quick checks")
+    p.add_argument("--lower-better", action="append", default=[], metavar="NAME",
+                   help="dataset NAME's scores are lower-is-better (a DMOS): flip them; repeatable. Default: decided "
+                        "from the file (see 'Score direction' above), printed per dataset")
+    p.add_argument("--higher-better", action="append", default=[], metavar="NAME",
+                   help="dataset NAME's scores are higher-is-better whatever the file suggests; repeatable")
     # sampling
     p.add_argument("--samples", type=int, default=8, help="completions per image; its score is their valid mean. "
                    "--samples 1 --temperature 0 is greedy")
@@ -338,6 +436,13 @@ def parse_args(argv=None):
         p.error("--samples and --batch-images must be at least 1")
     if not args.datasets + args.data:
         p.error("give at least one dataset, NAME=PATH")
+    check_sampling(p, args)
+    check_numbers(p, args, positive=("limit",))
+    both = set(args.lower_better) & set(args.higher_better)
+    if both:
+        p.error(f"--lower-better and --higher-better both name {sorted(both)}")
+    inputs = [split_name(spec)[1] for spec in args.datasets + args.data + args.root]
+    check_out(p, args.out, inputs=inputs + [args.baseline, args.prompts, args.model], directory=True)
     return args
 
 
@@ -351,8 +456,14 @@ def main(argv=None):
     if len(set(names)) != len(names) or len(roots) != len(args.root) or set(roots) - set(names) - {None}:
         raise ValueError(f"dataset names must differ and each --root name once, matching a dataset: datasets "
                          f"{names}, --root {args.root}")
-    datasets = [load_dataset(n, path, roots.get(n, roots.get(None)), args.split, args.limit, args.skip_missing)
-                for n, path in specs]
+    unknown = set(args.lower_better + args.higher_better) - set(names)
+    if unknown:
+        raise ValueError(f"--lower-better / --higher-better name {sorted(unknown)}, not datasets: {names}")
+    lower = {n: True for n in args.lower_better} | {n: False for n in args.higher_better}
+    datasets = [load_dataset(n, path, roots.get(n, roots.get(None)), args.split, args.limit, args.skip_missing,
+                             lower.get(n)) for n, path in specs]
+    for ds in datasets:  # before hours of scoring, not only in the report
+        print0(f"{ds['name']}: {len(ds['rows'])} images, {direction_line(ds)}")
     prompts = load_prompts(args.prompts)
     baseline = None
     if args.baseline:

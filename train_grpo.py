@@ -88,11 +88,13 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.k < 2:
         raise SystemExit(f"--k must be at least 2 (Eq. 4 standardises within an image's K rollouts), got {args.k}")
-    for name in ("batch_pairs", "epochs", "updates_per_batch", "micro_batch", "max_new_tokens"):
+    for name in ("batch_pairs", "epochs", "updates_per_batch", "micro_batch"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.gamma <= 0:
-        raise SystemExit(f"--gamma must be positive, got {args.gamma}")
+    common.check_sampling(ap, args, training=True)
+    common.check_numbers(ap, args, positive=("gamma", "clip_eps", "lr", "grad_clip"),
+                         nonnegative=("beta", "weight_decay", "max_steps", "save_every", "batch_groups", "seed"))
+    common.check_out(ap, args.out, inputs=(args.model, args.prompts, *args.labels), directory=True)
     return args
 
 
@@ -123,7 +125,7 @@ def load_labels(paths, image_root=None, group_by=("ref",)):
     so a moved data directory samples the same), p = p*(a, b) of Eq. 1, group the pair's (file, shared values
     of group_by). Errors name file and row.
     """
-    pairs = []
+    pairs, readable = [], set()
     for path in paths:
         root = image_root or os.path.dirname(os.path.abspath(path))
         for n, row in common.read_jsonl_lines(path):
@@ -136,8 +138,15 @@ def load_labels(paths, image_root=None, group_by=("ref",)):
             if a == b:
                 raise ValueError(f"{where}: 'a' and 'b' are the same image {a}")
             for s, f in (("a", a), ("b", b)):
+                if f in readable:
+                    continue
                 if not os.path.isfile(f):
                     raise ValueError(f"{where}: image '{s}' not found: {f}")
+                try:  # its header, 0.07 ms: a corrupt file fails here, before any model, not when its pair is drawn
+                    common.check_image(f)
+                except ValueError as e:
+                    raise ValueError(f"{where}: image '{s}': {e}") from None
+                readable.add(f)
             # vote.py groups pairs by their shared reference (and type); a pair without one is its own group
             key = pair_group(row, group_by)
             group = (path, *key) if key is not None else (path, n)
@@ -383,6 +392,16 @@ def grpo_loss(logp, logp_old, logp_ref, adv, mask, clip_eps, beta):
     return per_seq.sum(), (kl * mask).sum(1).detach() / n, (clipped * mask).sum(1) / n
 
 
+def stop_unless_finite(step, out, **values):
+    """Stop at the first loss, KL or gradient norm that is not finite, before the optimizer step takes it into the
+    weights: no checkpoint ever holds a NaN, and the error names the step."""
+    bad = [f"{name} {value}" for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        raise FloatingPointError(f"step {step}: {', '.join(bad)} is not finite; stopped before the optimizer step, so "
+                                 f"no checkpoint holds it (the newest step_<N> in {out} is the last good one). Try a "
+                                 f"lower --lr or --grad-clip, and check this step's images and labels")
+
+
 # -----------------------------------------------------------------------------
 # model set-up: FSDP2 over ranks, full weights gathered once per rollout phase
 
@@ -566,10 +585,13 @@ def main(argv=None):
                 # with one update per batch, pi_old is the current policy: logp_old = logp, detached
                 lp_old = old_lp[j] if old_lp is not None else logp.detach()
                 loss, kl, clip = grpo_loss(logp, lp_old, ref_lp[j], adv[c], mask, args.clip_eps, args.beta)
+                kl_chunk = kl.sum().item()
+                stop_unless_finite(step + 1, args.out, loss=loss.item(), kl=kl_chunk)
                 (loss * w * world / n_global).backward()
-                kl_sum, clip_sum = kl_sum + w * kl.sum().item(), clip_sum + w * clip.sum().item()
+                kl_sum, clip_sum = kl_sum + w * kl_chunk, clip_sum + w * clip.sum().item()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            stop_unless_finite(step + 1, args.out, grad_norm=float(grad_norm))  # the same on every rank
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 

@@ -47,6 +47,7 @@ from tqdm import tqdm
 import common
 
 META = ("ref", "distortion", "level", "mos")  # copied to the output for diagnostics, never used as labels
+FIELD_TYPES = dict(ref=str, distortion=str, source=str, level=(int, float), mos=(int, float))  # each may be null
 
 
 def parse_args(argv=None):
@@ -86,6 +87,9 @@ def parse_args(argv=None):
         p.error(f"--pairs must be a positive integer or 'all', got {args.pairs!r}")
     if args.k < 1 or args.batch_pairs < 1:
         p.error("--k and --batch-pairs must be at least 1")
+    common.check_sampling(p, args)
+    common.check_numbers(p, args, nonnegative=("seed",))  # numpy's generators take no negative seed
+    common.check_out(p, args.out, inputs=(args.manifest, args.pairs_file, args.prompts, args.model))
     return args
 
 
@@ -104,6 +108,12 @@ def read_manifest(path):
         if row["image"] in seen:
             raise ValueError(f"{path}:{n}: image {row['image']!r} already on line {seen[row['image']]}")
         seen[row["image"]] = n
+        for field, kind in FIELD_TYPES.items():  # a "3" for a level would fail only in the summary, after the votes
+            value = row.get(field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kind)
+                                      or kind is not str and not math.isfinite(value)):
+                raise ValueError(f"{path}:{n}: {field} must be {'a string' if kind is str else 'a number'} or null, "
+                                 f"got {value!r}")
     return rows
 
 
@@ -179,8 +189,9 @@ def preference(wins_a, wins_b):
 
 
 def order_counts(k, seed, i):
-    """Queries of pair i shown (a, b) and (b, a): K//2 each, the odd one's order drawn from (seed, i)."""
-    ab = k // 2 + k % 2 * (common.stable_seed(seed, i, "odd") % 2)
+    """Queries of pair i shown (a, b) and (b, a): K//2 each, the odd one's order drawn from (seed, i) by numpy's
+    seeded generator (a CRC's low bit, before, ran in blocks of consecutive pairs and was equal for seeds 0 / 1)."""
+    ab = k // 2 + k % 2 * int(np.random.default_rng([seed, i]).integers(2))
     return ab, k - ab
 
 
@@ -331,10 +342,7 @@ def check_resume(out, record):
     if not os.path.exists(out + ".args.json"):
         raise ValueError(f"{leftovers[0]} exists but {out}.args.json does not, so its arguments are unknown; "
                          f"remove it or choose another --out")
-    with open(out + ".args.json") as f:
-        old = json.load(f)
-    changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {record.get(k)!r}"
-               for k in sorted(set(old) | set(record)) if old.get(k) != record.get(k)]
+    changed = common.changed_args(out + ".args.json", record)
     if changed:
         raise ValueError(f"{', '.join(leftovers)} came from other arguments ({'; '.join(changed)}); rerun with the "
                          f"same arguments to resume, or remove them / choose another --out")

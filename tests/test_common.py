@@ -1,6 +1,9 @@
+import argparse
 import io
 import json
 import os
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -159,6 +162,34 @@ def test_bad_image_files_name_the_file(tmp_path):
         common.load_image(str(tmp_path / "cut.png"))
 
 
+def test_decompression_bomb_is_an_error_or_a_warning_naming_the_file(tmp_path, monkeypatch):
+    path = save(photo(56, 56), tmp_path / "big.png")  # 3,136 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # over 2x the limit: PIL raises DecompressionBombError
+    for read in (common.load_image, common.check_image):
+        with pytest.raises(ValueError, match=r"big\.png: cannot read image: Image size \(3136 pixels\) exceeds"):
+            read(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # between 1x and 2x: PIL only warns, without the file
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert common.load_image(path).size == (56, 56)
+    assert [str(w.message).startswith(f"{path}: Image size (3136 pixels) exceeds limit") for w in caught] == [True]
+    assert caught[0].category is Image.DecompressionBombWarning
+
+
+def test_check_image_reads_the_header_only(tmp_path):
+    buf = io.BytesIO()
+    photo(64, 64).save(buf, "PNG")
+    (tmp_path / "cut.png").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])  # header intact, pixels cut
+    assert common.check_image(str(tmp_path / "cut.png")) == (64, 64)
+    with pytest.raises(ValueError, match=r"cut\.png: cannot read image"):  # what a full decode finds
+        common.load_image(str(tmp_path / "cut.png"))
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ValueError, match=r"text\.png: cannot read image"):
+        common.check_image(str(tmp_path / "text.png"))
+    with pytest.raises(ValueError, match=r"gone\.png: cannot read image"):
+        common.check_image(str(tmp_path / "gone.png"))
+
+
 # -----------------------------------------------------------------------------
 # model loading and checkpoints
 
@@ -182,6 +213,27 @@ def test_bad_model_spec_says_what_was_expected(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="model_type is 'bert', expected 'qwen2_5_vl'"):
         common.load_model(str(tmp_path))
+
+
+def test_broken_or_nan_weights_name_the_checkpoint(tiny, tmp_path):
+    model, tok, cfg = tiny
+    good = str(tmp_path / "good")
+    common.save_checkpoint(model, tok, cfg, good)
+    weights = open(os.path.join(good, "model.safetensors"), "rb").read()
+    for name, data in (("truncated", weights[:len(weights) // 2]), ("garbage", b"not safetensors at all" * 8)):
+        bad = tmp_path / name
+        common.save_checkpoint(model, tok, cfg, str(bad))
+        (bad / "model.safetensors").write_bytes(data)
+        with pytest.raises(ValueError, match=f"model '{bad}': cannot load its weights: .*header"):
+            common.load_model(str(bad))
+    nan = common.load_model(good)[0]
+    with torch.no_grad():
+        nan.lm_head.weight[3, 5] = float("nan")  # one element of one tensor
+        nan.model.visual.blocks[0].mlp.down_proj.weight[0, 0] = float("inf")
+    common.save_checkpoint(nan, tok, cfg, str(tmp_path / "nan"))
+    with pytest.raises(ValueError, match=f"model '{tmp_path / 'nan'}': 2 of 57 weight tensors hold NaN or inf, e.g. "
+                                         r"model\.visual\.blocks\.0\.mlp\.down_proj\.weight, lm_head\.weight"):
+        common.load_model(str(tmp_path / "nan"))
 
 
 def test_hub_id_goes_to_the_hub_not_the_disk():
@@ -322,9 +374,28 @@ def test_stops_at_end_token_and_max_new_tokens(tiny, batch):
     model, tok, _ = tiny
     images, requests = batch
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    out = common.sample(model, tok, requests, images, n=2, max_new_tokens=5, temperature=1.0, seed=0)
-    assert all(len(t) <= 5 for t in out["tokens"])
-    assert all(s == (t[-1] == im_end) for t, s in zip(out["tokens"], out["stopped"]))
+    stops = set(common.stop_ids(tok))
+
+    def quarter(module, inputs, out):  # <|im_end|> at probability 1/4 at every step, whatever the random weights say
+        out = out.clone()
+        out[..., im_end] = -float("inf")
+        out[..., im_end] = out.logsumexp(-1) - np.log(3)
+        return out
+
+    hook = model.lm_head.register_forward_hook(quarter)
+    try:
+        out = common.sample(model, tok, requests, images, n=4, max_new_tokens=5, temperature=1.0, seed=0)
+    finally:
+        hook.remove()
+    ended = [t for t, s in zip(out["tokens"], out["stopped"]) if s]
+    cut = [t for t, s in zip(out["tokens"], out["stopped"]) if not s]
+    assert len({len(t) for t in ended}) >= 2 and cut  # rows stopped at several lengths, and some ran to the limit
+    for t in ended:  # a row ends at its first stop token, which it keeps
+        assert t[-1] in stops and not stops & set(t[:-1])
+    for t in cut:  # a row that never stopped has exactly max_new_tokens tokens
+        assert len(t) == 5 and not stops & set(t)
+    assert out["texts"] == tok.batch_decode(out["tokens"], skip_special_tokens=True)
+    assert out["num_tokens"] == sum(map(len, out["tokens"]))
     # force a stop: bias the output layer so that <|im_end|> wins everywhere
     bias = torch.zeros(model.config.text_config.vocab_size)
     bias[im_end] = 100.0
@@ -369,3 +440,76 @@ def test_shard_splits_without_overlap():
     items = list(range(10))
     parts = [common.shard(items, r, 3) for r in range(3)]
     assert sorted(sum(parts, [])) == items and max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+# -----------------------------------------------------------------------------
+# command lines: shared flag checks and --out
+
+def sampling_parser():
+    p = argparse.ArgumentParser(prog="stage")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None)
+    return p
+
+
+@pytest.mark.parametrize("argv,training,message", [
+    (["--temperature", "-1"], False, "--temperature must be at least 0, got -1.0"),
+    (["--temperature", "nan"], False, "--temperature must be at least 0, got nan"),
+    (["--temperature", "inf"], False, "--temperature must be at least 0, got inf"),
+    (["--temperature", "0"], True, "--temperature must be positive for training"),
+    (["--temperature", "nan"], True, "--temperature must be positive for training"),
+    (["--top-p", "0"], False, r"--top-p must be in \(0, 1\], got 0.0"),
+    (["--top-p", "1.5"], False, r"--top-p must be in \(0, 1\], got 1.5"),
+    (["--top-p", "nan"], False, r"--top-p must be in \(0, 1\], got nan"),
+    (["--top-k", "-3"], False, "--top-k must be at least 0, got -3"),
+    (["--max-new-tokens", "0"], False, "--max-new-tokens must be positive, got 0"),
+    (["--limit", "-1"], False, "--limit must be positive, got -1"),
+])
+def test_flag_checks_name_the_flag(argv, training, message, capsys):
+    p = sampling_parser()
+    args = p.parse_args(argv)
+    with pytest.raises(SystemExit) as e:
+        common.check_sampling(p, args, training)
+        common.check_numbers(p, args, positive=("limit",))
+    assert e.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_flag_checks_pass_the_defaults_and_the_edges():
+    p = sampling_parser()
+    for argv in ([], ["--temperature", "0", "--top-p", "1", "--top-k", "0"], ["--top-p", "1e-9", "--limit", "1"]):
+        args = p.parse_args(argv)
+        common.check_sampling(p, args)
+        common.check_numbers(p, args, positive=("limit",))
+
+
+def test_check_out_refuses_before_any_work_and_leaves_nothing(tmp_path, capsys):
+    p = argparse.ArgumentParser(prog="stage")
+    (tmp_path / "labels.jsonl").write_text("{}\n")
+    (tmp_path / "model").mkdir()
+    cases = [
+        (str(tmp_path / "labels.jsonl" / "run"), False, r"labels\.jsonl is a file, not a folder"),
+        (str(tmp_path / "labels.jsonl"), False, r"is also an input \(.*labels\.jsonl\)"),
+        (str(tmp_path / "model"), True, r"is also an input \(.*model\)"),
+        (str(tmp_path / "labels.jsonl"), True, r"labels\.jsonl is a file; expected a folder"),
+        (str(tmp_path), False, "is a folder; expected a file name"),
+        ("/proc/evoquality/run", True, r"cannot write in /proc \("),
+    ]
+    for out, directory, message in cases:
+        inputs = [str(tmp_path / "labels.jsonl"), str(tmp_path / "model")] if "also" in message else []
+        with pytest.raises(SystemExit):
+            common.check_out(p, out, inputs=inputs, directory=directory)
+        assert re.search(message, capsys.readouterr().err), (out, message)
+    common.check_out(p, str(tmp_path / "new" / "deeper" / "votes.jsonl"))  # folders to be made: fine
+    common.check_out(p, str(tmp_path / "run"), directory=True)
+    assert sorted(os.listdir(tmp_path)) == ["labels.jsonl", "model"]  # the probes are gone, nothing was made
+
+
+def test_changed_args_lists_each_difference(tmp_path):
+    path = str(tmp_path / "args.json")
+    common.write_atomic(path, json.dumps(dict(k=2, seed=0, old=True)))
+    assert common.changed_args(path, dict(k=4, seed=0, new="x")) == ["--k 2 -> 4", "--new None -> 'x'",
+                                                                      "--old True -> None"]
+    assert common.changed_args(path, dict(k=2, seed=0, old=True)) == []

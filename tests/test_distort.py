@@ -2,6 +2,7 @@
 tolerant of bad files. Images are made procedurally; nothing is downloaded."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -136,7 +137,7 @@ def test_output_is_identical_for_one_and_two_workers(tmp_path):
         run_cli('--input', tmp_path / 'photos', '--out', tmp_path / f'w{workers}', '--variants', 4, '--seed', 3,
                 '--workers', workers)
     one, two = tree(tmp_path / 'w1'), tree(tmp_path / 'w2')
-    assert len(one) == 4 * 5 + 1 and one == two
+    assert len(one) == 4 * 5 + 2 and one == two  # 20 PNGs, manifest.jsonl, args.json
 
 
 def test_manifest_lists_originals_and_distinct_variants_with_their_fields(tmp_path):
@@ -222,3 +223,55 @@ def test_contact_sheet_has_a_row_per_type_and_a_column_per_level(tmp_path):
     with Image.open(tmp_path / 'sheet.png') as sheet:
         # 6 columns (original + 5 levels) of 32x24 tiles and 35 rows, plus labels and gaps of a few pixels
         assert 6 * 32 < sheet.width < 6 * 40 + 300 and 35 * 24 < sheet.height < 35 * 32 + 40
+
+
+# -----------------------------------------------------------------------------
+# bad arguments and folders, refused before any work
+
+@pytest.mark.parametrize('flags,message', [
+    (['--max-side', '-5'], '--max-side must be positive, got -5'),  # wrote 1x1 images
+    (['--max-side', '0'], '--max-side must be positive, got 0'),
+    (['--variants', '-1'], '--variants must be at least 0, got -1'),  # a NumPy traceback
+    (['--workers', '0'], '--workers must be positive, got 0'),
+    (['--seed', '-1'], '--seed must be at least 0, got -1'),
+    (['--out', 'PHOTOS'], 'is also an input'),
+    (['--out', 'PHOTOS/pool'], 'is inside --input .*: a rerun would take its outputs for originals'),
+    (['--out', 'PHOTOS/a.png/pool'], r'a\.png is a file, not a folder'),
+    (['--out', '/proc/pool'], 'cannot write in /proc'),
+])
+def test_bad_arguments_are_refused_before_any_work(tmp_path, flags, message, capsys):
+    make_photos(tmp_path / 'photos', 1)
+    photos = str(tmp_path / 'photos')
+    argv = ['--input', photos, '--out', str(tmp_path / 'pool')] + [f.replace('PHOTOS', photos) for f in flags]
+    with pytest.raises(SystemExit):
+        distort.parse_args(argv)
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_pool_folder_that_holds_inputs_or_other_arguments_is_refused(tmp_path):
+    make_photos(tmp_path / 'photos', 1)
+    base = ['--input', str(tmp_path / 'photos'), '--variants', '1', '--workers', '1', '--max-side', '32']
+    distort.main(base + ['--out', str(tmp_path / 'pool')])
+    record = json.loads((tmp_path / 'pool' / 'args.json').read_text())
+    assert record['max_side'] == 32 and 'workers' not in record
+    distort.main(base + ['--out', str(tmp_path / 'pool'), '--workers', '1'])  # the same arguments: a resume
+    with pytest.raises(SystemExit, match=r'holds a pool made with other arguments \(--max-side 32 -> 48\)'):
+        distort.main(base[:-1] + ['48', '--out', str(tmp_path / 'pool')])  # used to keep the old files silently
+    (tmp_path / 'old').mkdir()
+    (tmp_path / 'old' / 'a.png').write_bytes(b'')
+    with pytest.raises(SystemExit, match='is not empty but has no args.json'):
+        distort.main(base + ['--out', str(tmp_path / 'old')])
+    # a glob that reaches into --out: a rerun would distort the pool's own outputs as originals
+    with pytest.raises(SystemExit, match=r'holds 2 of the inputs'):
+        distort.main(['--input', str(tmp_path / 'pool' / '*.png'), '--out', str(tmp_path / 'pool'), '--workers', '1'])
+
+
+@pytest.mark.parametrize('line,message', [
+    ('{"image": 7}', r'in\.jsonl:2: "image" must be a non-empty string, got 7'),
+    ('{"image": ""}', r'in\.jsonl:2: "image" must be a non-empty string, got \'\''),
+    ('{"image": "a.png", "ref": 5}', r'in\.jsonl:2: "ref" must be a non-empty string, got 5'),
+])
+def test_manifest_field_types_name_the_file_and_line(tmp_path, line, message):
+    (tmp_path / 'in.jsonl').write_text('{"image": "a.png", "ref": "ok"}\n' + line + '\n')
+    with pytest.raises(ValueError, match=message):
+        distort.list_inputs(str(tmp_path / 'in.jsonl'))

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -128,6 +129,9 @@ def test_jsonl_manifest_paths_are_relative_to_the_manifest(tmp_path):
     ("b.csv", "img_name,mos\nimg0.png,3\n\nimg1.png\n", r"b\.csv:4: 1 fields, the header has 2"),
     ("c.csv", "name,quality\nimg0.png,3\n", r"c\.csv: header .* needs an image column"),
     ("d.jsonl", '{"image": "img0.png", "mos": 3}\n{"image": "img1.png"}\n', r"d\.jsonl:2: mos None is not a number"),
+    ("f.csv", "img_name,mos\nimg0.png,3\nimg1.png,3,1\n", r"f\.csv:3: 3 fields, the header has 2"),  # decimal comma
+    ("g.jsonl", '{"image": "img0.png", "mos": true}\n', r"g\.jsonl:1: mos True is not a number"),
+    ("h.jsonl", '{"image": "img0.png", "mos": "3"}\n', r"h\.jsonl:1: mos '3' is not a number"),
     ("e.jsonl", '{"image": "img0.png", "mos": 3}\n{"image": \n', r"e\.jsonl:2: malformed JSON line"),
 ])
 def test_a_malformed_row_fails_with_its_file_and_line(tmp_path, name, text, error):
@@ -145,18 +149,118 @@ def test_missing_images_fail_listing_them_unless_skipped(tmp_path):
     assert [r["image"] for r in ds["rows"]] == ["img0.png", "img1.png"] and ds["missing"] == 2
 
 
+def test_unreadable_images_fail_at_load_unless_skipped_and_are_listed(tmp_path):
+    make_images(tmp_path, 3)
+    write(tmp_path / "img1.png", "not an image")
+    labels = write(tmp_path / "l.csv", "img_name,mos\nimg0.png,1\nimg1.png,2\nimg2.png,4\n")
+    with pytest.raises(ValueError, match=r"l: 1 of 3 image files cannot be read, e\.g\. \S*img1\.png: cannot read"):
+        evaluate.load_dataset("l", labels)
+    path = write(tmp_path / "m.csv", "img_name,mos\nimg0.png,1\nimg1.png,2\ngone.png,3\nimg2.png,4\n")
+    ds = evaluate.load_dataset("l", path, skip_missing=True)
+    assert [r["image"] for r in ds["rows"]] == ["img0.png", "img2.png"] and ds["missing"] == 1
+    assert [(os.path.basename(s["path"]), s["reason"].split(": ")[-2:][0]) for s in ds["skipped"]] == [
+        ("gone.png", "missing"), ("img1.png", "cannot read image")]
+
+
+def test_an_image_that_fails_to_decode_is_skipped_counted_and_listed(tmp_path, capsys):
+    """Its header reads (load_dataset's check passes), its pixels do not: --skip-missing skips it at scoring time."""
+    data = manifest(tmp_path, 4)
+    png = (tmp_path / "images" / "img2.png").read_bytes()
+    (tmp_path / "images" / "img2.png").write_bytes(png[:len(png) // 3])
+    argv = [f"set={data}", "--samples", "1", "--max-new-tokens", "1", "--out", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=r"img2\.png: cannot read image.*\(set, line 3\); pass --skip-missing"):
+        evaluate.main(argv)
+    evaluate.main(argv + ["--skip-missing"])
+    rows = evaluate.read_jsonl(tmp_path / "out" / "scores.jsonl")
+    assert [r["line"] for r in rows] == [1, 2, 3, 4] and "cannot read image" in rows[2]["unreadable"]
+    assert rows[2]["scores"] == [] and all("unreadable" not in r and len(r["scores"]) == 1 for r in rows[:2] + rows[3:])
+    d = json.loads((tmp_path / "out" / "report.json").read_text())["datasets"]["set"]
+    assert (d["unreadable"], d["missing"], d["n"] + d["invalid"]) == (1, 0, 3)
+    assert [s["path"] for s in d["skipped"]] == [str(tmp_path / "images" / "img2.png")]
+    assert "set: skipped 0 missing and 1 unreadable image files: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--limit", "-1"], "--limit must be positive, got -1"),  # dropped the last row
+    (["--limit", "0"], "--limit must be positive, got 0"),
+    (["--temperature", "-1"], "--temperature must be at least 0"),
+    (["--top-p", "0"], r"--top-p must be in \(0, 1\]"),
+    (["--top-k", "-3"], "--top-k must be at least 0"),
+    (["--lower-better", "set", "--higher-better", "set"], r"both name \['set'\]"),
+    (["--out", "DATA"], r"is also an input \(.*set\.jsonl\)"),
+    (["--out", "DATA/run"], r"set\.jsonl is a file, not a folder"),
+    (["--out", "/proc/eval"], "cannot write in /proc"),
+])
+def test_bad_flags_are_refused_before_any_work(tmp_path, flags, message, capsys):
+    data = manifest(tmp_path, 2)
+    with pytest.raises(SystemExit):
+        evaluate.parse_args([f"set={data}"] + [f.replace("DATA", data) for f in flags])
+    assert re.search(message, capsys.readouterr().err)
+
+
 @pytest.mark.skipif(not os.path.isdir(PYIQA), reason="../shared/data/pyiqa-meta is absent")
 def test_every_real_pyiqa_label_file_loads_with_its_direction():
     lower = {"meta_info_CSIQDataset.csv", "meta_info_LIVEMDDataset.csv", "meta_info_LIVEIQADataset.csv"}
+    # decided by content: the distortion level in the image names against the score (KADID-10k's 'dmos' is a MOS)
+    by_content = {"meta_info_CSIQDataset.csv", "meta_info_KADID10kDataset.csv", "meta_info_LIVEMDDataset.csv",
+                  "meta_info_TID2008Dataset.csv", "meta_info_TID2013Dataset.csv"}
     files = sorted(f for f in os.listdir(PYIQA) if f.endswith(".csv"))
     assert files
     for name in files:
-        path = os.path.join(PYIQA, name)
-        records, column, split_col = evaluate.read_csv_labels(path)
+        records, column, split_col = evaluate.read_csv_labels(os.path.join(PYIQA, name))
         assert len(records) > 100, name
-        assert evaluate.lower_is_better(path, column) == (name in lower), name
+        flipped, why = evaluate.score_direction(records, column)  # no file name goes in: a renamed copy is the same
+        assert flipped == (name in lower), (name, why)
+        assert why.startswith("content") == (name in by_content), (name, why)
+        assert why.startswith("LIVE IQA's layout") == (name == "meta_info_LIVEIQADataset.csv"), (name, why)
     koniq, _, split_col = evaluate.read_csv_labels(os.path.join(PYIQA, "meta_info_KonIQ10kDataset.csv"))
     assert split_col == "split" and sum(evaluate.SPLIT_CODES.get(r[3]) == "test" for r in koniq) == 2015
+
+
+def fr_csv(path, column, rising):
+    """A full-reference label file, KADID-style names (<ref>_<type>_<level>): scores rise or fall with the level."""
+    rows = [f"I{r:02d}.png,I{r:02d}_{t:02d}_{lv:02d}.png,{(lv if rising else 6 - lv) + 0.1 * r:.2f}"
+            for r in range(1, 4) for t in range(1, 3) for lv in range(1, 6)]
+    return write(path, f"ref_name,dist_name,{column}\n" + "\n".join(rows) + "\n")
+
+
+def test_score_direction_comes_from_the_content_not_the_name(tmp_path):
+    for column, rising, flipped in (("dmos", False, False), ("dmos", True, True), ("mos", True, True),
+                                    ("mos", False, False)):
+        records, col, _ = evaluate.read_csv_labels(fr_csv(tmp_path / "meta_info_KADID10kDataset.csv", column, rising))
+        lower, why = evaluate.score_direction(records, col)
+        assert lower == flipped and why.startswith(f"content: the scores {'rise' if rising else 'fall'}"), why
+        assert evaluate.score_direction(records, col, override=not flipped) == (not flipped, "--lower-better"
+                                                                                 if not flipped else "--higher-better")
+    # LIVE IQA's layout decides where its names carry no level, whatever the file is called
+    live = write(tmp_path / "renamed.csv", "ref_name,dist_name,mos\n" + "".join(
+        f"refimgs/r{i}.bmp,{folder}/img{i}.bmp,{30 + i}\n" for i, folder in enumerate(["jp2k", "wn", "gblur"] * 9)))
+    records, col, _ = evaluate.read_csv_labels(live)
+    assert evaluate.score_direction(records, col)[0] is True
+    # no evidence at all: the column name, and the reason says it is only that
+    records, col, _ = evaluate.read_csv_labels(write(tmp_path / "nr.csv", "img_name,dmos\na.png,1\nb.png,2\n"))
+    lower, why = evaluate.score_direction(records, col)
+    assert lower and why.startswith("the column name 'dmos' alone (no distortion levels")
+
+
+def test_direction_is_printed_per_dataset_and_the_flags_override_it(tmp_path, monkeypatch, capsys):
+    make_images(tmp_path / "kadid", 30)
+    kadid = fr_csv(tmp_path / "k.csv", "dmos", rising=False)  # a MOS in a 'dmos' column
+    root = tmp_path / "kadid"
+    for r in range(1, 4):  # the images the file names, as copies of the made ones
+        for t in range(1, 3):
+            for lv in range(1, 6):
+                os.link(root / f"img{(r - 1) * 10 + (t - 1) * 5 + lv - 1}.png", root / f"I{r:02d}_{t:02d}_{lv:02d}.png")
+    stub_scoring(monkeypatch, [])
+    evaluate.main([f"kadid={kadid}", "--root", str(root), "--out", str(tmp_path / "o1")])
+    out = capsys.readouterr().out
+    assert "kadid: 30 images, 'dmos' is higher-is-better (content: the scores fall" in out
+    report = json.loads((tmp_path / "o1" / "report.json").read_text())["datasets"]["kadid"]
+    assert not report["flipped"] and report["direction"].startswith("content")
+    evaluate.main([f"kadid={kadid}", "--root", str(root), "--lower-better", "kadid", "--out", str(tmp_path / "o2")])
+    assert "kadid: 30 images, 'dmos' is lower-is-better (--lower-better): flipped to mos = -dmos" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"--lower-better / --higher-better name \['koniq'\], not datasets"):
+        evaluate.main([f"kadid={kadid}", "--root", str(root), "--higher-better", "koniq", "--out", str(tmp_path / "o3")])
 
 
 @pytest.mark.skipif(not os.path.isdir(BIQ), reason="../shared/data/biq2021-mini is absent")
@@ -236,21 +340,28 @@ def test_datasets_are_named_after_their_file_and_roots_go_by_name(tmp_path, monk
         evaluate.main([first, "--root", f"c={tmp_path}", "--out", str(tmp_path / "o")])
 
 
-def test_tiny_model_end_to_end_is_batching_independent(tmp_path):
-    data = manifest(tmp_path, 5)
+def test_tiny_model_end_to_end_is_batching_independent(answering, tmp_path):
+    """The toy base model (tests/conftest.py) answers a digit 1-5 (the built-in tiny model's answers were all invalid,
+    so this compared None with None): real scores, whose mean, report and batch independence can fail."""
+    data = str(answering["pool"] / "manifest.jsonl")  # 12 images, mos = 5 - level
     texts = []
-    for batch in ("2", "5"):
+    for batch in ("5", "12"):
         out = tmp_path / f"out{batch}"
-        evaluate.main([f"set={data}", "--model", "tiny", "--samples", "2", "--max-new-tokens", "8", "--save-text",
-                       "--batch-images", batch, "--out", str(out)])
+        evaluate.main([f"set={data}", "--model", answering["model"], "--prompts", answering["prompts"], "--no-think",
+                       "--samples", "4", "--max-new-tokens", "3", "--save-text", "--batch-images", batch,
+                       "--out", str(out)])
         rows = evaluate.read_jsonl(out / "scores.jsonl")
-        assert [r["line"] for r in rows] == [1, 2, 3, 4, 5]
-        assert all(len(r["scores"]) == 2 and len(r["texts"]) == 2 for r in rows)
+        assert [r["line"] for r in rows] == list(range(1, 13))
         for r in rows:  # the image's score is the mean of its valid parsed scores, or None
+            assert r["scores"] == [evaluate.parse_score(t) for t in r["texts"]] and len(r["scores"]) == 4
             valid = [s for s in r["scores"] if s is not None]
             assert r["score"] == (np.mean(valid) if valid else None)
+        assert sum(s is not None for r in rows for s in r["scores"]) >= 0.75 * 48  # measured 90%: real answers
         report = json.loads((out / "report.json").read_text())["datasets"]["set"]
-        assert report["invalid"] == sum(r["score"] is None for r in rows) and report["n"] + report["invalid"] == 5
+        scored = [r for r in rows if r["score"] is not None]
+        assert report["invalid"] == 12 - len(scored) and report["n"] == len(scored) >= 10
+        assert report["srcc"] == pytest.approx(evaluate.spearman([r["score"] for r in scored],
+                                                                 [r["mos"] for r in scored]))
         texts.append([r["texts"] for r in rows])
     assert texts[0] == texts[1]  # per-image seeds: the samples do not depend on the batch
 

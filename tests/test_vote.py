@@ -2,6 +2,7 @@ import copy
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,11 +69,39 @@ def test_tally_maps_the_swapped_order_back_and_counts_invalid():
     assert votes == dict(wins_a=7, wins_b=1, invalid=3, first_wins=3)
 
 
-def test_orders_split_k_evenly():
+def test_orders_split_k_evenly(pool_dir, tmp_path, monkeypatch, cached_model):
     assert {vote.order_counts(32, 0, i) for i in range(50)} == {(16, 16)}
     odd = [vote.order_counts(5, 0, i) for i in range(50)]
     assert set(odd) == {(3, 2), (2, 3)}  # the odd query's order varies per pair
-    assert odd == [vote.order_counts(5, 0, i) for i in range(50)]
+    # and the sampler is asked for exactly these counts: (a, b) shown in that order order_counts()[0] times
+    asked = {}
+
+    def recording(model, tokenizer, requests, images, n=1, seed=0, **kwargs):
+        asked.update({tuple(keys): count for (_, keys), count in zip(requests, n)})
+        return brighter_stub(model, tokenizer, requests, images, n=n, seed=seed, **kwargs)
+
+    monkeypatch.setattr(common, "sample", recording)
+    vote.main(["--manifest", str(pool_dir / "manifest.jsonl"), "--pairs", "all", "--k", "5", "--seed", "3",
+               "--out", str(tmp_path / "v.jsonl")])
+    rows = common.read_jsonl(tmp_path / "v.jsonl")
+    assert len(asked) == 2 * len(rows) == 30
+    for r in rows:
+        assert (asked[(r["a"], r["b"])], asked[(r["b"], r["a"])]) == vote.order_counts(5, 3, r["i"])
+    assert len({asked[(r["a"], r["b"])] for r in rows}) == 2
+
+
+def test_odd_k_order_is_balanced_independent_across_pairs_and_differs_by_seed():
+    """Which order gets the odd query behaves as a fair coin per (seed, pair): half the pairs, runs as short as a
+    coin's (the CRC's low bit ran in blocks of ~8-10 pairs), and seeds 0/1, 2/3 agreeing on half the pairs (the
+    CRC made them equal)."""
+    n = 2000
+    extra = {seed: np.array([vote.order_counts(5, seed, i)[0] == 3 for i in range(n)]) for seed in range(4)}
+    for seed, x in extra.items():
+        assert stats.binomtest(int(x.sum()), n).pvalue > 1e-3, seed
+        runs = 1 + np.count_nonzero(x[1:] != x[:-1])  # Wald-Wolfowitz: (n + 1) / 2 expected, variance (n - 1) / 4
+        assert abs(runs - (n + 1) / 2) < 4 * math.sqrt((n - 1) / 4), (seed, runs)
+    for s, t in ((0, 1), (2, 3), (0, 2)):
+        assert stats.binomtest(int((extra[s] == extra[t]).sum()), n).pvalue > 1e-3, (s, t)
 
 
 def brighter_stub(model, tokenizer, requests, images, n=1, seed=0, **kwargs):
@@ -201,22 +230,39 @@ def test_no_think_exact_probabilities_match_sampled_one_token_answers(pool_dir, 
 # -----------------------------------------------------------------------------
 # end to end on the tiny model
 
-def test_tiny_end_to_end_think_and_no_think(pool_dir, tmp_path, cached_model):
-    manifest = str(pool_dir / "manifest.jsonl")
-    vote.main(["--manifest", manifest, "--pairs", "6", "--k", "3", "--max-new-tokens", "6", "--save-text",
-               "--out", str(tmp_path / "think.jsonl")])
+def test_tiny_end_to_end_think_and_no_think(answering, tmp_path):
+    """The toy base model (tests/conftest.py) answers A / B: the votes recorded are its parsed answers, mapped back to
+    a and b, and the exact --no-think votes are draws from the label probabilities they record."""
+    labels = common.load_prompts(answering["prompts"])["compare_labels"]
+    flags = ["--model", answering["model"], "--prompts", answering["prompts"], "--mode", "same-ref", "--pairs", "all",
+             "--manifest", str(answering["pool"] / "manifest.jsonl"), "--save-text", "--seed", "1"]
+    vote.main(flags + ["--k", "3", "--max-new-tokens", "4", "--out", str(tmp_path / "think.jsonl")])
     rows = common.read_jsonl(tmp_path / "think.jsonl")
-    assert [r["i"] for r in rows] == list(range(6))
+    assert [r["i"] for r in rows] == list(range(30))  # 2 refs x C(6, 2) pairs
     for r in rows:
-        assert r["wins_a"] + r["wins_b"] + r["invalid"] == r["k"] == 3
-        assert len(r["texts"]["ab"]) + len(r["texts"]["ba"]) == 3
+        ab = [common.parse_compare(t, labels) for t in r["texts"]["ab"]]  # a shown first
+        ba = [common.parse_compare(t, labels) for t in r["texts"]["ba"]]
+        assert (r["wins_a"], r["wins_b"], r["invalid"]) == (ab.count(0) + ba.count(1), ab.count(1) + ba.count(0),
+                                                            ab.count(None) + ba.count(None))
+        assert r["first_wins"] == ab.count(0) + ba.count(0) and r["k"] == len(ab) + len(ba) == 3
+        assert r["p"] == vote.preference(r["wins_a"], r["wins_b"])
         assert {"ref_a", "distortion_b", "level_a", "mos_b"} <= set(r)
+    assert sum(r["invalid"] for r in rows) < 0.25 * 90  # real answers (measured 9%), not None against None
+    assert {r["p"] for r in rows} == {0.0, 0.5, 1.0}
     assert not os.path.exists(tmp_path / "think.jsonl.part")
-    vote.main(["--manifest", manifest, "--pairs", "all", "--k", "32", "--no-think", "--save-text",
-               "--out", str(tmp_path / "exact.jsonl")])
+
+    vote.main(flags + ["--k", "32", "--no-think", "--out", str(tmp_path / "exact.jsonl")])
     rows = common.read_jsonl(tmp_path / "exact.jsonl")
-    assert len(rows) == 15 and all(r["wins_a"] + r["wins_b"] + r["invalid"] == 32 for r in rows)
-    assert all(0 <= p <= 1 for r in rows for p in r["probs"]["ab"] + r["probs"]["ba"])
+    assert len(rows) == 30 and all(r["wins_a"] + r["wins_b"] + r["invalid"] == 32 for r in rows)
+    ab, ba = (np.array([r["probs"][order] for r in rows]) for order in ("ab", "ba"))
+    assert ((ab >= 0) & (ab <= 1)).all() and ab.sum(1).mean() > 0.8 and ba.sum(1).mean() > 0.8  # mostly valid
+    # 16 votes per order: wins_a is a draw of label 0 in order ab plus label 1 in order ba
+    mean_a = 16 * (ab[:, 0] + ba[:, 1])
+    var_a = 16 * (ab[:, 0] * (1 - ab[:, 0]) + ba[:, 1] * (1 - ba[:, 1]))
+    wins_a = np.array([r["wins_a"] for r in rows])
+    assert abs((wins_a - mean_a).sum()) < 4 * math.sqrt(var_a.sum())
+    invalid = np.array([r["invalid"] for r in rows])
+    assert abs((invalid - 16 * (2 - ab.sum(1) - ba.sum(1))).sum()) < 4 * math.sqrt(32 * len(rows))
 
 
 # -----------------------------------------------------------------------------
@@ -273,6 +319,40 @@ def test_missing_image_names_the_manifest_line(pool_dir, tmp_path):
     with pytest.raises(ValueError, match=r"manifest.jsonl:3: image '../gone.png' not found"):
         vote.main(["--manifest", str(tmp_path / "manifest.jsonl"), "--pairs", "all",
                    "--out", str(tmp_path / "v.jsonl")])
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("level", "3", "level must be a number or null, got '3'"),
+    ("level", True, "level must be a number or null, got True"),
+    ("mos", "high", "mos must be a number or null, got 'high'"),
+    ("mos", float("nan"), "mos must be a number or null, got nan"),
+    ("ref", 5, "ref must be a string or null, got 5"),
+    ("distortion", ["blur"], r"distortion must be a string or null, got \['blur'\]"),
+])
+def test_manifest_field_types_are_checked_with_file_and_line(tmp_path, field, value, message):
+    """A level of "3" used to pass, get its votes cast, then end in a TypeError in the summary."""
+    rows = [dict(image="a.png", ref="r", level=1, mos=2.5), dict(image="b.png", ref="r", level=2) | {field: value}]
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"manifest\.jsonl:2: " + message):
+        vote.read_manifest(tmp_path / "manifest.jsonl")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature", "-1"], "--temperature must be at least 0, got -1.0"),  # sampled the inverted distribution
+    (["--temperature", "nan"], "--temperature must be at least 0, got nan"),
+    (["--top-p", "0"], r"--top-p must be in \(0, 1\], got 0.0"),
+    (["--top-k", "-3"], "--top-k must be at least 0, got -3"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
+    (["--seed", "-1"], "--seed must be at least 0"),
+    (["--out", "MANIFEST"], "is also an input"),
+    (["--out", "MANIFEST/v.jsonl"], r"manifest\.jsonl is a file, not a folder"),
+    (["--out", "/proc/votes.jsonl"], r"cannot write in /proc"),
+])
+def test_bad_flags_are_refused_before_any_work(pool_dir, flags, message, capsys):
+    manifest = str(pool_dir / "manifest.jsonl")
+    with pytest.raises(SystemExit):
+        vote.parse_args(["--manifest", manifest] + [f.replace("MANIFEST", manifest) for f in flags])
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_malformed_manifest_line_is_named(tmp_path):
