@@ -262,17 +262,21 @@ def tiny_model(tokenizer):
 def load_model(spec, device="cpu", dtype=None, attn="sdpa"):
     """
     (model, tokenizer, image_cfg) for `spec`: 'tiny', a local checkpoint directory (e.g. one written by
-    train_grpo.py) or a hub id of a Qwen2.5-VL checkpoint. dtype defaults to bf16 on CUDA, fp32 on CPU.
+    train_grpo.py) or a hub id of a Qwen2.5-VL checkpoint. dtype defaults to bf16 on CUDA, fp32 on CPU; "auto"
+    keeps the checkpoint's own, memory-mapped (its pages are read as its tensors are used). On the "meta" device
+    no weight is read: the model has its shapes only (policy.py fills such a model on each rank from one read).
     """
     from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     device = torch.device(device)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     image_cfg = dict(IMAGE_CFG)
     if spec == "tiny":
         tokenizer = tiny_tokenizer()
-        model = tiny_model(tokenizer)
+        with torch.device("meta") if device.type == "meta" else contextlib.nullcontext():
+            model = tiny_model(tokenizer)
+        model.to(dtype=None if dtype == "auto" else dtype)
         model.config._attn_implementation = attn
         image_cfg.update(min_pixels=56 * 56, max_pixels=224 * 224)
     else:
@@ -289,10 +293,14 @@ def load_model(spec, device="cpu", dtype=None, attn="sdpa"):
             raise ValueError(f"model '{spec}': config model_type is '{config.model_type}', expected 'qwen2_5_vl'")
         from safetensors import SafetensorError
 
-        try:
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(spec, dtype=dtype, attn_implementation=attn)
-        except (OSError, ValueError, SafetensorError) as e:  # a truncated or garbage model.safetensors among them
-            raise ValueError(f"model '{spec}': cannot load its weights: {e}") from e
+        if device.type == "meta":
+            with torch.device("meta"):
+                model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
+        else:
+            try:
+                model = Qwen2_5_VLForConditionalGeneration.from_pretrained(spec, dtype=dtype, attn_implementation=attn)
+            except (OSError, ValueError, SafetensorError) as e:  # a truncated or garbage model.safetensors among them
+                raise ValueError(f"model '{spec}': cannot load its weights: {e}") from e
         tokenizer = AutoTokenizer.from_pretrained(spec)
         with contextlib.suppress(OSError, json.JSONDecodeError):  # checkpoints carry their own pixel limits
             from transformers.utils import cached_file
@@ -301,7 +309,9 @@ def load_model(spec, device="cpu", dtype=None, attn="sdpa"):
             image_cfg.update({k: pre[k] for k in IMAGE_CFG if k in pre})
             image_cfg.update({k: pre["size"][s] for k, s in (("min_pixels", "shortest_edge"),
                                                             ("max_pixels", "longest_edge")) if s in pre.get("size", {})})
-    model.to(device=device, dtype=dtype).eval()
+    # from_pretrained has built the weights in `dtype` and kept the rotary inv_freq buffers in fp32 (a .to(dtype)
+    # would round them to bf16 and shift every rotary phase by up to 0.4%): move, don't cast
+    model.to(device=device).eval()
     check_finite_weights(model, spec)
     return model, tokenizer, image_cfg
 

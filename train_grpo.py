@@ -5,9 +5,9 @@ pseudo-labels with the fidelity reward. One run = one round: start from --model,
     # one 8-GPU node, Qwen2.5-VL-7B; the defaults are the paper's K=32, lr 3e-7, beta 0.05, eps 0.2
     torchrun --standalone --nproc_per_node=8 train_grpo.py --model Qwen/Qwen2.5-VL-7B-Instruct \
         --labels round1/votes.jsonl --out round1/ --batch-pairs 4 --max-new-tokens 1024 \
-        --micro-batch 4 --grad-checkpointing --save-every 50
+        --micro-batch 4 --save-every 50
     # more nodes: torchrun's own flags (--nnodes, --node-rank, --rdzv-endpoint); nothing else changes
-    # single process (one GPU, or CPU), same code without FSDP
+    # one GPU: the same FSDP2 path on one rank; one CPU process: plain fp32 modules
     python train_grpo.py --model Qwen/Qwen2.5-VL-3B-Instruct --labels round1/votes.jsonl --out round1/
     # a toy run on CPU with the built-in tiny model
     python train_grpo.py --model tiny --labels /tmp/votes.jsonl --out /tmp/grpo --k 4 --max-new-tokens 16 \
@@ -15,8 +15,11 @@ pseudo-labels with the fidelity reward. One run = one round: start from --model,
 
 Image paths in a labels file are relative to --image-root (default: that labels file's directory, where
 vote.py's manifest and votes sit). The run writes <out>/metrics.jsonl, <out>/step_<N>/ (a Hugging Face
-model directory plus train_state.pt) and <out>/final -> step_<last>; pass <out>/final as the next round's
---model. --resume continues from the newest complete step_<N>.
+model directory in --model's dtype, plus the sharded fp32 state that --resume reads; the newest --keep of them)
+and <out>/final -> step_<last>; pass <out>/final as the next round's --model. --resume continues from the newest
+complete step_<N>, bit for bit, on the same number of ranks. policy.py holds how the policy and its reference
+live on the ranks: meta-device start-up from one read of --model, FSDP2, bf16 compute over fp32 master weights on
+CUDA, activation checkpointing (on by default on CUDA), the rollouts' weight gather, and the checkpoints.
 
 Log-probs (policy, pi_old, reference) take the shared-prefix path by default: per micro-batch, one forward
 over its images' prompts records their keys/values with gradients, then one forward over the completions
@@ -29,8 +32,6 @@ import argparse
 import contextlib
 import math
 import os
-import random
-import shutil
 import time
 
 import numpy as np
@@ -40,6 +41,10 @@ from tqdm import tqdm
 from transformers.cache_utils import Cache, DynamicLayer
 
 import common
+import policy
+
+
+MAY_CHANGE_ON_RESUME = {"max_steps", "save_every", "keep", "save_dtype", "grad_checkpointing", "out", "resume"}
 
 
 def parse_args(argv=None):
@@ -56,7 +61,8 @@ def parse_args(argv=None):
                     "ref,distortion makes one group per (reference, type); an original (distortion null) goes "
                     "with its partner's type")
     ap.add_argument("--epochs", type=int, default=1, help="passes over the pairs")
-    ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
+    ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all epochs); may change "
+                    "on --resume (the learning rate then decays to 0 at the new end)")
     # rollouts
     ap.add_argument("--k", type=int, default=32, help="rollouts per image (paper: K=32)")
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -78,14 +84,31 @@ def parse_args(argv=None):
                          "(--no-shared-prefix: one full prompt+completion forward per completion, the plain path)")
     ap.add_argument("--seed", type=int, default=0)
     # distributed/memory
-    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                    help="activation checkpointing of every decoder layer and vision block (default: on on CUDA, off "
+                         "on CPU); may change on --resume")
     ap.add_argument("--device", help="default: cuda (the rank's GPU) when available, else cpu")
-    ap.add_argument("--dtype", default="float32", help="master weights (FSDP on CUDA computes in bf16)")
+    ap.add_argument("--dtype", default="float32", help="master weights: float32 only (on CUDA the forward and "
+                    "backward run in bf16 over them)")
     # output
-    ap.add_argument("--out", required=True, help="run directory")
-    ap.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
-    ap.add_argument("--resume", action="store_true", help="continue from the newest complete <out>/step_<N>")
+    ap.add_argument("--out", required=True, help="run directory (it may move before a --resume)")
+    ap.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end); may "
+                    "change on --resume")
+    ap.add_argument("--keep", type=int, default=2, help="keep the newest N step_<N> directories (0: all); may change "
+                    "on --resume")
+    ap.add_argument("--save-dtype", choices=("bfloat16", "float16", "float32"),
+                    help="dtype of the saved Hugging Face weights (default: --model's, bf16 for the released "
+                         "Qwen2.5-VL; the fp32 master weights for --resume are saved apart); may change on --resume")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest complete <out>/step_<N>, with the "
+                    "same arguments (those that may change say so)")
     args = ap.parse_args(argv)
+    if args.dtype != "float32":
+        # measured on N(0, 0.02) weights (the config's initializer_range) and on a model built from the 7B config.json:
+        # 0.49% and 0.50% of bf16 weights change in one AdamW step at lr 3e-7
+        raise SystemExit(f"--dtype {args.dtype}: AdamW needs fp32 master weights. Its updates at the paper's lr 3e-7 "
+                         f"are far below half a {args.dtype} step for almost every weight and round away (measured: "
+                         f"one step changes 0.5% of bf16 weights, 100% of fp32 ones), so training would silently do "
+                         f"almost nothing. On CUDA the forward and backward already run in bf16 over fp32 masters.")
     if args.k < 2:
         raise SystemExit(f"--k must be at least 2 (Eq. 4 standardises within an image's K rollouts), got {args.k}")
     for name in ("batch_pairs", "epochs", "updates_per_batch", "micro_batch"):
@@ -93,7 +116,7 @@ def parse_args(argv=None):
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     common.check_sampling(ap, args, training=True)
     common.check_numbers(ap, args, positive=("gamma", "clip_eps", "lr", "grad_clip"),
-                         nonnegative=("beta", "weight_decay", "max_steps", "save_every", "batch_groups", "seed"))
+                         nonnegative=("beta", "weight_decay", "max_steps", "save_every", "keep", "batch_groups", "seed"))
     common.check_out(ap, args.out, inputs=(args.model, args.prompts, *args.labels), directory=True)
     return args
 
@@ -403,85 +426,6 @@ def stop_unless_finite(step, out, **values):
 
 
 # -----------------------------------------------------------------------------
-# model set-up: FSDP2 over ranks, full weights gathered once per rollout phase
-
-
-def setup_model(spec, device, world, dtype, grad_checkpointing=False):
-    """(model, tokenizer, image_cfg, sharded FSDP modules or [] on one process)."""
-    model, tokenizer, image_cfg = common.load_model(spec, "cpu" if world > 1 else device, dtype)
-    if grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if world == 1:
-        return model, tokenizer, image_cfg, []
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
-    units = list(model.model.language_model.layers) + list(model.model.visual.blocks)
-    for m in units:
-        fully_shard(m, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)  # the rest: embeddings, patch embed, merger, final norm, lm_head
-    with torch.no_grad():  # FSDP picks its root on the first forward; the sampler later calls submodules directly
-        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
-    model.reshard()  # a root stays gathered after forward: the optimizer must see the sharded parameters
-    return model, tokenizer, image_cfg, [model] + units
-
-
-def generate(model, fsdp_units, *a, **kw):
-    """common.sample with the full weights gathered once (not one all-gather per layer per token)."""
-    model.eval()  # also turns gradient checkpointing off, which would disable the KV cache
-    if fsdp_units:
-        model.set_reshard_after_forward(False)
-        for m in fsdp_units:
-            m.unshard()
-    try:
-        return common.sample(model, *a, **kw)
-    finally:
-        if fsdp_units:
-            for m in fsdp_units:
-                m.reshard()
-            for m in fsdp_units[1:]:  # the root keeps FSDP's default for roots (no reshard after forward)
-                m.set_reshard_after_forward(True, recurse=False)
-        model.train()
-
-
-# -----------------------------------------------------------------------------
-# checkpoints: <out>/step_<N>/ appears complete or not at all
-
-
-def save(out, step, model, optimizer, tokenizer, image_cfg, world, rank, state):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=opts)  # collective under FSDP; full on rank 0
-    optim = get_optimizer_state_dict(model, optimizer, options=opts)
-    if rank == 0:
-        if world > 1:  # a plain module around the gathered weights, for save_pretrained
-            from transformers import Qwen2_5_VLForConditionalGeneration
-
-            with torch.device("meta"):
-                plain = Qwen2_5_VLForConditionalGeneration(model.config)
-            plain.load_state_dict(weights, assign=True)
-            plain.tie_weights()
-        else:
-            plain = model
-        final, partial = os.path.join(out, f"step_{step}"), os.path.join(out, f".step_{step}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        common.save_checkpoint(plain, tokenizer, image_cfg, partial)
-        torch.save(dict(state, optimizer=optim), os.path.join(partial, "train_state.pt"))
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.rename(partial, final)  # atomic: a step_<N> (with its train_state.pt) is always complete
-    if world > 1:
-        dist.barrier()
-
-
-def latest_checkpoint(out):
-    steps = [int(d[5:]) for d in os.listdir(out) if d.startswith("step_") and d[5:].isdigit()
-             and os.path.isfile(os.path.join(out, d, "train_state.pt"))] if os.path.isdir(out) else []
-    return os.path.join(out, f"step_{max(steps)}") if steps else None
-
-
-# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -497,22 +441,20 @@ def main(argv=None):
                          f"{per_rank} per rank x {world} ranks")
     total = steps_per_epoch * args.epochs if not args.max_steps else min(args.max_steps, steps_per_epoch * args.epochs)
 
-    resume_dir = latest_checkpoint(args.out) if args.resume else None
-    model, tok, image_cfg, fsdp_units = setup_model(resume_dir or args.model, device, world, args.dtype, args.grad_checkpointing)
-    ref, _, _, _ = setup_model(args.model, device, world, args.dtype)  # frozen: the run's initial model
-    ref.requires_grad_(False).eval()
-    model.train()
+    resume_dir = policy.latest_checkpoint(args.out) if args.resume else None
+    saved = policy.check_resume(resume_dir, vars(args), MAY_CHANGE_ON_RESUME, world) if resume_dir else None
+    policy.init_single_process(device)  # one CUDA process: FSDP2 on one rank, the same path as torchrun's
+    checkpointing = device.type == "cuda" if args.grad_checkpointing is None else args.grad_checkpointing
+    common.print0(f"activation checkpointing {'on' if checkpointing else 'off'}"
+                  + (f" (the default on {device.type})" if args.grad_checkpointing is None else ""))
+    # the policy (fp32 master weights) and the frozen reference (the run's initial model), from one read of --model
+    model, ref, tok, image_cfg, model_dtype = policy.load(args.model, device, checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start = 0
-    if resume_dir:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        state = torch.load(os.path.join(resume_dir, "train_state.pt"), weights_only=False)
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        start = state["step"]
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
+    if resume_dir:  # the policy's fp32 master weights, AdamW's state and the RNG, as they were after that step
+        policy.restore(resume_dir, model, optimizer)
+        start = saved["step"]
+    save_dtype = args.save_dtype or model_dtype
     os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     if rank == 0:  # a resumed run rewrites the steps after its checkpoint
@@ -543,9 +485,9 @@ def main(argv=None):
 
         # --- sample: K rollouts of c_score per image, seeded per (step, image) so batching never changes them
         requests = [(common.encode_prompt(tok, prompts, "score", [images[x][1]], think), [x]) for x in keys]
-        out = generate(model, fsdp_units, tok, requests, images, n=args.k, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                       seed=[common.stable_seed(args.seed, step, names[x]) for x in keys])
+        out = policy.generate(model, tok, requests, images, n=args.k, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              seed=[common.stable_seed(args.seed, step, names[x]) for x in keys])
         texts = {x: out["texts"][i * args.k:(i + 1) * args.k] for i, x in enumerate(keys)}
 
         # --- score + reward (Eq. 2-3)
@@ -615,16 +557,11 @@ def main(argv=None):
 
         # --- save
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total:
-            rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-            save(args.out, step + 1, model, optimizer, tok, image_cfg, world, rank,
-                 dict(step=step + 1, epoch=(step + 1) // steps_per_epoch, rng=rng, args=vars(args)))
+            policy.save(args.out, step + 1, model, optimizer, tok, image_cfg,
+                        dict(step=step + 1, epoch=(step + 1) // steps_per_epoch, world=world, args=vars(args)),
+                        save_dtype, args.keep)
     if rank == 0:
-        last = latest_checkpoint(args.out)
-        link = os.path.join(args.out, "final")
-        if os.path.lexists(link + ".tmp"):
-            os.remove(link + ".tmp")
-        os.symlink(os.path.basename(last), link + ".tmp")
-        os.replace(link + ".tmp", link)  # atomic: `final` always names a complete checkpoint
+        link, last = policy.link_final(args.out)
         common.print0(f"done: {total} steps, model at {link} -> {os.path.basename(last)}")
     common.dist_exit()
 

@@ -3,7 +3,9 @@ import inspect
 import json
 import math
 import os
+import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import torch
 from PIL import Image
 
 import common
+import policy
 import train_grpo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -304,12 +307,11 @@ import json, sys
 sys.path.insert(0, {ROOT!r})
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 import torch
-import common, train_grpo
+import common, policy, train_grpo
 from test_train_grpo import _prefix_rows
 
 rank, world, device = common.dist_setup()
-model, tok, cfg, _ = train_grpo.setup_model("tiny", device, world, "float32", grad_checkpointing=True)
-model.train()
+model, _, tok, cfg, _ = policy.load("tiny", device, grad_checkpointing=True)
 rows, images, w = _prefix_rows(tok, cfg)
 mine = [i for i, r in enumerate(rows) if r[1] == ("sq", "wide")[rank]]  # a rank per image: prompt lengths differ
 lp, _ = train_grpo.shared_prefix_logprobs(model, [rows[i] for i in mine], images, 0.7)
@@ -463,9 +465,21 @@ def test_checkpoint_round_trip(tmp_path, tiny):
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     opt = torch.optim.AdamW(model.parameters())
-    train_grpo.save(str(tmp_path), 3, model, opt, tok, cfg, 1, 0, dict(step=3))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()  # AdamW's moments exist
+    policy.save(str(tmp_path), 3, model, opt, tok, cfg, dict(step=3, world=1, args={}), "float32", keep=2)
+    draws = (random.random(), np.random.rand(), torch.rand(1))
     d = str(tmp_path / "step_3")
-    assert train_grpo.latest_checkpoint(str(tmp_path)) == d
+    # resume/ brings the master weights, AdamW's state and the RNG back exactly, into a fresh model and optimizer
+    fresh = common.load_model("tiny", "cpu", "float32")[0]
+    fresh_opt = torch.optim.AdamW(fresh.parameters())
+    policy.restore(d, fresh, fresh_opt)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
+    for a, b in zip(fresh.parameters(), model.parameters()):
+        assert all(torch.equal(fresh_opt.state[a][k], opt.state[b][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert (random.random(), np.random.rand(), torch.rand(1)) == draws
+    assert policy.latest_checkpoint(str(tmp_path)) == d
     assert not any(n.startswith(".") for n in os.listdir(tmp_path))  # no partial directory left behind
     ids = torch.tensor([tok.encode("boxed{3.25} <think>")])
     want = model(input_ids=ids).logits
@@ -474,9 +488,25 @@ def test_checkpoint_round_trip(tmp_path, tiny):
     torch.testing.assert_close(hf(input_ids=ids).logits, want, atol=0, rtol=0)
     torch.testing.assert_close(ours(input_ids=ids).logits, want, atol=0, rtol=0)
     assert cfg2 == cfg
-    # a checkpoint without its train_state.pt (killed while writing) is never picked up
+    # a checkpoint without its manifest (written last) is never picked up
     os.makedirs(tmp_path / "step_9")
-    assert train_grpo.latest_checkpoint(str(tmp_path)) == d
+    assert policy.latest_checkpoint(str(tmp_path)) == d
+
+
+def test_tied_embedding_stays_tied_through_load_and_save(tmp_path):
+    """Qwen2.5-VL-3B ties lm_head to the embedding: meta build + fill must keep one tensor, and so must the save."""
+    model, tok, cfg = common.load_model("tiny", "cpu", "float32")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    common.save_checkpoint(model, tok, cfg, str(tmp_path / "tied"))
+    policy_model, ref, *_ = policy.load(str(tmp_path / "tied"), torch.device("cpu"))
+    for m in (policy_model, ref):
+        assert m.lm_head.weight is m.model.language_model.embed_tokens.weight
+    policy.save(str(tmp_path / "run"), 1, policy_model, torch.optim.AdamW(policy_model.parameters()), tok, cfg,
+                dict(step=1, world=1, args={}), "float32", keep=2)
+    saved = common.load_model(str(tmp_path / "run" / "step_1"), "cpu", "float32")[0]
+    assert saved.lm_head.weight is saved.model.language_model.embed_tokens.weight
+    assert torch.equal(saved.lm_head.weight, model.lm_head.weight)
 
 
 def _run(tmp_path, out, extra, nproc=1, kill_at=None):
@@ -488,7 +518,7 @@ def _run(tmp_path, out, extra, nproc=1, kill_at=None):
     if kill_at is None:
         p = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
-        return
+        return p.stdout
     p = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not (out / kill_at).is_dir() and p.poll() is None:
         time.sleep(0.01)
@@ -509,10 +539,36 @@ def reference_run(tmp_path_factory):
     return d / "run"
 
 
-def test_fsdp_two_processes_match_one(tmp_path, reference_run):
+def test_fsdp_on_a_one_rank_group_equals_the_plain_process(tmp_path, reference_run):
+    """One CUDA process runs FSDP2 on a 1-rank group (policy.init_single_process); here on gloo, in fp32: the
+    weights and metrics equal the plain process's bit for bit."""
     write_labels(tmp_path)
-    _run(tmp_path, tmp_path / "run", ["--batch-pairs", "1", "--updates-per-batch", "2", "--shared-prefix"], nproc=2)
-    one, two = _weights(reference_run), _weights(tmp_path / "run")
+    script = tmp_path / "one_rank.py"
+    script.write_text(PATCH.replace("train_grpo.main()", "import torch.distributed as dist\n"
+                                    "dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)\n"
+                                    "train_grpo.main()"))
+    cmd = [sys.executable, str(script), "--labels", str(tmp_path / "votes.jsonl"), "--out", str(tmp_path / "run"),
+           "--k", "4", "--max-new-tokens", "6", "--lr", "1e-3", "--epochs", "2", "--micro-batch", "3", "--seed", "1",
+           "--batch-pairs", "2", "--save-every", "1", "--updates-per-batch", "2"]
+    p = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    want, got = _weights(reference_run), _weights(tmp_path / "run")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    m1, m2 = (open(r / "metrics.jsonl").read().splitlines() for r in (reference_run, tmp_path / "run"))
+    assert [json.loads(a)["kl"] for a in m1] == [json.loads(b)["kl"] for b in m2]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    """The reference run's 4 steps on 2 ranks x 1 pair, a checkpoint every step (--keep 2, the default)."""
+    d = tmp_path_factory.mktemp("two")
+    write_labels(d)
+    _run(d, d / "run", ["--batch-pairs", "1", "--updates-per-batch", "2", "--shared-prefix", "--save-every", "1"], nproc=2)
+    return d / "run"
+
+
+def test_fsdp_two_processes_match_one(two_rank_run, reference_run):
+    one, two = _weights(reference_run), _weights(two_rank_run)
     init = common.load_model("tiny", "cpu", "float32")[0].state_dict()
     assert max((one[k] - init[k]).abs().max().item() for k in one) > 1e-3  # the weights did move
     # fp32 throughout (shared-prefix path, the default, in both); the only difference is the order of gradient
@@ -523,7 +579,7 @@ def test_fsdp_two_processes_match_one(tmp_path, reference_run):
     diff = torch.cat([(two[k] - one[k]).abs().flatten() for k in one])
     assert diff.max() < 2e-4 and (diff > 3e-5).sum() <= 10, (diff.max(), (diff > 3e-5).sum())
     m1 = [json.loads(line) for line in open(reference_run / "metrics.jsonl")]
-    m2 = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    m2 = [json.loads(line) for line in open(two_rank_run / "metrics.jsonl")]
     for a, b in zip(m1, m2, strict=True):
         assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-9)
         assert a["kl"] == pytest.approx(b["kl"], rel=1e-4)  # summed in a different order
@@ -537,7 +593,106 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, reference_run):
     assert not (out / "final").exists(), "the run finished before it was killed"
     _run(tmp_path, out, args + ["--resume"])
     one, resumed = _weights(reference_run), _weights(out)
-    for k in one:
-        torch.testing.assert_close(resumed[k], one[k], atol=1e-6, rtol=0, msg=k)
+    for k in one:  # the fp32 master weights and AdamW state are restored exactly: bit for bit
+        assert torch.equal(resumed[k], one[k]), k
     steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4]
+
+
+def test_two_ranks_keep_two_checkpoints_each_rank_writing_its_own_shard(two_rank_run):
+    assert sorted(os.listdir(two_rank_run)) == ["final", "metrics.jsonl", "step_3", "step_4"]  # --keep 2 of 4 saves
+    assert os.readlink(two_rank_run / "final") == "step_4"
+    n = sum(p.numel() for p in common.load_model("tiny", "cpu", "float32")[0].parameters())
+    shards = [(two_rank_run / "step_4" / "resume" / f"__{r}_0.distcp").stat().st_size for r in range(2)]
+    # the fp32 master weights and AdamW's two moments are 12 bytes per parameter, and each rank wrote its half (+ its
+    # RNG and a header per tensor: measured 0.61 and 0.65 of 12 bytes x n here, 12.0002 x n on one rank at the real
+    # shape): none gathered the whole
+    assert sum(shards) > 12 * n and max(shards) < 0.7 * 12 * n, (shards, n)
+
+
+def test_two_rank_resume_falls_back_past_a_truncated_checkpoint(tmp_path, two_rank_run):
+    """The newest checkpoint lost the end of rank 1's shard: --resume says so, resumes from the one before, and
+    reaches the uninterrupted run's weights bit for bit."""
+    out = tmp_path / "run"
+    for d in ("step_3", "step_4"):
+        shutil.copytree(two_rank_run / d, out / d)
+    shutil.copy(two_rank_run / "metrics.jsonl", out)
+    shard = out / "step_4" / "resume" / "__1_0.distcp"
+    os.truncate(shard, shard.stat().st_size // 2)
+    log = _run(two_rank_run.parent, out, ["--batch-pairs", "1", "--updates-per-batch", "2", "--shared-prefix",
+                                          "--save-every", "1", "--resume"], nproc=2)
+    assert f"{out / 'step_4'} is incomplete (resume/__1_0.distcp has" in log and "falling back" in log
+    assert "from step 3" in log
+    want, got = _weights(two_rank_run), _weights(out)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def _copy_run(src, dst):
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def test_resume_refuses_other_arguments_and_names_them(tmp_path, reference_run):
+    run = _copy_run(reference_run, tmp_path / "run")
+    base = ["--labels", str(reference_run.parent / "votes.jsonl"), "--out", str(run), "--k", "4", "--max-new-tokens",
+            "6", "--lr", "1e-3", "--epochs", "2", "--micro-batch", "3", "--seed", "1", "--batch-pairs", "2",
+            "--save-every", "1", "--updates-per-batch", "2", "--resume"]
+    with pytest.raises(SystemExit, match=r"came from other arguments \(--k 4 -> 3; --lr 0\.001 -> 5\.0\).*only "
+                                         r"--grad-checkpointing, --keep, --max-steps, --out, --resume, --save-dtype, "
+                                         r"--save-every may change"):
+        train_grpo.main(base + ["--lr", "5", "--k", "3"])
+    # those that may change are allowed (checked without running: this is the check main runs first)
+    args = train_grpo.parse_args(base + ["--max-steps", "9", "--save-every", "3", "--keep", "5", "--save-dtype",
+                                        "bfloat16", "--no-grad-checkpointing"])
+    state = policy.check_resume(str(run / "step_4"), vars(args), train_grpo.MAY_CHANGE_ON_RESUME, 1)
+    assert state["step"] == 4
+    with pytest.raises(SystemExit, match=r"written by 1 rank\(s\), this run has 2: --resume needs the same world size"):
+        policy.check_resume(str(run / "step_4"), vars(args), train_grpo.MAY_CHANGE_ON_RESUME, 2)
+
+
+def test_save_refuses_non_finite_weights(tmp_path):
+    model, tok, cfg = common.load_model("tiny", "cpu", "float32")
+    with torch.no_grad():
+        model.model.language_model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"step 7: the weights are not finite \(model\.language_model\.layers\.1\.mlp\."
+                                         r"up_proj\.weight\); refusing to save"):
+        policy.save(str(tmp_path), 7, model, torch.optim.AdamW(model.parameters()), tok, cfg, {}, "float32", 2)
+    assert os.listdir(tmp_path) == []
+
+
+def test_bf16_master_weights_are_refused_with_the_reason():
+    with pytest.raises(SystemExit, match=r"--dtype bfloat16: AdamW needs fp32 master weights.*lr 3e-7.*one step "
+                                         r"changes 0\.5% of bf16 weights, 100% of fp32 ones"):
+        train_grpo.parse_args(["--labels", "x.jsonl", "--out", "o", "--dtype", "bfloat16"])
+
+
+class _Loaded(Exception):
+    pass
+
+
+@pytest.mark.parametrize("device,flag,want", [("cpu", [], False), ("cuda", [], True), ("cpu", ["--grad-checkpointing"], True),
+                                              ("cuda", ["--no-grad-checkpointing"], False)])
+def test_activation_checkpointing_is_on_by_default_on_cuda_only(tmp_path, monkeypatch, capsys, device, flag, want):
+    """What main hands to policy.load, and prints (no model is loaded: load is replaced)."""
+    labels = write_labels(tmp_path)
+    seen = {}
+
+    def load(spec, dev, grad_checkpointing=False):
+        seen.update(device=dev.type, checkpointing=grad_checkpointing)
+        raise _Loaded
+
+    monkeypatch.setattr(common, "dist_setup", lambda: (0, 1, torch.device(device)))
+    monkeypatch.setattr(policy, "init_single_process", lambda device: None)
+    monkeypatch.setattr(policy, "load", load)
+    with pytest.raises(_Loaded):
+        train_grpo.main(["--labels", str(labels), "--out", str(tmp_path / "run"), "--k", "2"] + flag)
+    assert seen == dict(device=device, checkpointing=want)
+    said = capsys.readouterr().out
+    assert f"activation checkpointing {'on' if want else 'off'}" + ("" if flag else f" (the default on {device})") in said
+
+
+def test_loaded_policy_checkpoints_every_layer_and_vision_block():
+    model, ref, *_ = policy.load("tiny", torch.device("cpu"), grad_checkpointing=True)
+    assert all(m.gradient_checkpointing for m in policy.fsdp_units(model)[:4])  # 2 decoder layers, 2 vision blocks
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in ref.modules())
+    assert model.training and not ref.training and not any(p.requires_grad for p in ref.parameters())

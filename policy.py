@@ -1,0 +1,371 @@
+"""
+The policy being trained and its reference, on 1..N ranks: build, shard, precision, gather for rollouts,
+checkpoints. train_grpo.py is the method; this file is how its two models live on the ranks. It has no command of
+its own: train_grpo.py calls it (one process, or `torchrun --nproc_per_node=8 train_grpo.py ...`).
+
+Start-up (load): every rank builds the model on the meta device (shapes, no memory), shards it with FSDP2, allocates
+its own shards only, and fills them from ONE read of --model: rank 0 reads the checkpoint in its own dtype, memory-
+mapped, and broadcasts it one tensor at a time; each rank keeps its slice and casts it to fp32. A rank holds its
+shards plus the tensor in flight, never a full copy (rank 0 also the file pages it has sent). One CUDA process runs
+the same path on a 1-rank process group; one CPU process keeps plain modules (fp32, exact: the tests' oracle).
+
+Precision: master weights, gradients and their reduction, and AdamW's state are fp32 (bf16 master weights would
+lose AdamW's updates at the paper's lr: train_grpo.py refuses them). On CUDA, FSDP2 gathers the weights in bf16
+and the forward and backward run in bf16; the reference lives in bf16. On CPU everything is fp32.
+
+Checkpoints, <out>/step_<N>/:
+    a Hugging Face model directory (config, safetensors, tokenizer, pixel limits) in --save-dtype, by default the dtype
+        of --model (bf16 for the released Qwen2.5-VL): the next stage loads it as it is. Gathered one parameter at a
+        time onto rank 0's CPU, cast before it travels, so no rank holds a second fp32 copy.
+    resume/  torch.distributed.checkpoint: each rank writes its own shard of the fp32 master weights and of AdamW's
+        state, and its RNG state (__<rank>_0.distcp); nothing is gathered.
+    train_state.json  step, epoch, world size, the run's arguments.
+    manifest.json  written last: every file's size. A checkpoint is complete when all of them are there, whole and
+        readable; --resume takes the newest complete one and says which it passed over.
+A step directory is written as .step_<N>.partial and renamed: a kill at any moment leaves the previous complete step
+loadable. --keep N keeps the newest N step directories (and the one <out>/final names). --resume needs the world
+size the checkpoint was written with: the global batch (pairs per rank x ranks), so every step's pairs and the
+length of the learning-rate schedule, depend on it. DCP could reshard the state, but the result would not continue
+the same run; to move a run to another world size, start a new one from <out>/step_<N> (its optimizer starts afresh).
+"""
+
+import copy
+import json
+import os
+import pickle
+import random
+import shutil
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import common
+
+# one CPU process saves and loads its resume state without a process group, as DCP allows (and warns about each time)
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+def _rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# start-up: build on the meta device, shard, fill from one read
+
+
+def init_single_process(device):
+    """One CUDA process: a 1-rank process group, so that it takes the FSDP2 path (bf16 compute over fp32 master
+    weights) that torchrun's ranks take."""
+    if device.type == "cuda" and not dist.is_initialized():
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=device)
+
+
+def build(spec, dtype):
+    """(model on the meta device in `dtype`, tokenizer, image_cfg): shapes only, no weight file is read."""
+    return common.load_model(spec, "meta", dtype)
+
+
+def fsdp_units(model):
+    """
+    The units FSDP2 shards under the root, each gathered just before it runs and freed after: every decoder layer and
+    vision block, the vision merger, the token embedding and the lm_head (one unit when they are tied). The last three
+    are units of their own rather than part of the root because FSDP keeps a root gathered from its forward to the
+    end of its backward: at 7B they are 1.2B parameters (2.4 GB in bf16 per rank for the whole step), and the first
+    forward would gather all of them at once.
+    """
+    lm, visual = model.model.language_model, model.model.visual
+    heads = [[lm.embed_tokens, model.lm_head]] if model.config.tie_word_embeddings else [lm.embed_tokens, model.lm_head]
+    return list(lm.layers) + list(visual.blocks) + [visual.merger] + heads
+
+
+def shard(model, device, reference=False):
+    """
+    FSDP2 as training runs it: the units of fsdp_units, and the root with the rest (patch embed, final norm). On CUDA
+    the weights are gathered in bf16 for compute and gradients are reduced in fp32 (the policy's master weights are
+    fp32; the reference's are bf16 already). The reference (`reference=True`) has no gradients. Without a process
+    group (one CPU process) the model stays a plain module.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if reference:
+        model.requires_grad_(False)
+    if not dist.is_initialized():
+        return model
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
+          else MixedPrecisionPolicy())
+    for m in fsdp_units(model):
+        fully_shard(m, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def enable_checkpointing(model):
+    """Activation checkpointing of every decoder layer and vision block: backward recomputes their insides from
+    their inputs. use_reentrant=False, which the shared-prefix path needs (train_grpo.cache_under_checkpointing)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+@torch.no_grad()
+def fill(model, source, device, sampled=False):
+    """
+    Allocate a built (meta, maybe sharded) model's own storage on `device` and copy in `source`, rank 0's read of the
+    checkpoint (None elsewhere): broadcast one tensor at a time in the checkpoint's dtype, each rank keeping its slice,
+    cast to the model's dtype. Buffers (the rotary inv_freq) are in no state dict: rank 0's model sends them too.
+    `sampled`: the model will be sampled from (generate), see below.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    model.tie_weights()  # to_empty gives a plain module's tied lm_head a tensor of its own (FSDP2 keeps the tie)
+    if sampled and dist.is_initialized():
+        # FSDP picks its root on the first forward, and the sampler calls submodules directly: run one through the
+        # root now, on the storage not yet filled (its output is thrown away), so that its gathers come before the
+        # shards take their memory rather than on top of it
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+        model.reshard()  # a root stays gathered after forward: the optimizer must see the sharded parameters
+    if dist.is_initialized():
+        set_model_state_dict(model, source.state_dict() if _rank() == 0 else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        model.load_state_dict(source.state_dict())
+    for name, b in model.named_buffers():
+        if _rank() == 0:
+            b.copy_(source.get_buffer(name))
+        if dist.is_initialized():
+            dist.broadcast(b, 0)
+
+
+def load(spec, device, grad_checkpointing=False):
+    """
+    (policy, reference, tokenizer, image_cfg, the checkpoint's dtype), both models from one read of `spec`: the policy
+    in fp32 (its master weights), the reference in bf16 on CUDA (fp32 on CPU), frozen, in eval mode.
+    """
+    source = common.load_model(spec, "cpu", "auto")[0] if _rank() == 0 else None
+    dtype = [str(next(source.parameters()).dtype).removeprefix("torch.") if source is not None else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(dtype, src=0)
+    model, tokenizer, image_cfg = build(spec, torch.float32)
+    if grad_checkpointing:
+        enable_checkpointing(model)
+    fill(shard(model, device), source, device, sampled=True)
+    ref = build(spec, torch.bfloat16 if device.type == "cuda" else torch.float32)[0]
+    fill(shard(ref, device, reference=True), source, device)
+    return model.train(), ref.eval(), tokenizer, image_cfg, dtype[0]
+
+
+# -----------------------------------------------------------------------------
+# rollouts: the full weights gathered once per rollout phase
+
+
+def generate(model, *a, **kw):
+    """common.sample with the full weights gathered once (not one all-gather per layer per token); on CUDA they are
+    gathered in bf16."""
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp_units = [m for m in model.modules() if isinstance(m, FSDPModule)]  # the root first
+    model.eval()  # also turns activation checkpointing off, which would disable the KV cache
+    if fsdp_units:
+        model.set_reshard_after_forward(False)
+        for m in fsdp_units:
+            m.unshard()
+    try:
+        return common.sample(model, *a, **kw)
+    finally:
+        if fsdp_units:
+            for m in fsdp_units:
+                m.reshard()
+            for m in fsdp_units[1:]:  # the root keeps FSDP's default for roots (no reshard after forward)
+                m.set_reshard_after_forward(True, recurse=False)
+        model.train()
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: <out>/step_<N>/ appears complete or not at all
+
+
+def check_finite(model, step):
+    """Refuse to save non-finite weights: one pass over each rank's own shards."""
+    from torch.distributed.tensor import DTensor
+
+    bad = [n for n, p in model.named_parameters()
+           if not torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()]
+    n = torch.tensor([len(bad)], device=next(model.parameters()).device)
+    if dist.is_initialized():
+        dist.all_reduce(n)
+    if n.item():
+        where = f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}" if bad else "on another rank"
+        raise ValueError(f"step {step}: the weights are not finite ({where}); refusing to save a checkpoint")
+
+
+def gather(model, dtype):
+    """
+    {name: full tensor in `dtype` on rank 0's CPU} ({} on other ranks), gathered one parameter at a time and cast
+    before it travels: rank 0 builds one copy in `dtype`, never a second fp32 one.
+    """
+    from torch.distributed.tensor import DTensor
+
+    full, done = {}, {}
+    for name, p in model.state_dict(keep_vars=True).items():
+        if id(p) not in done:  # tied weights are one tensor under two names
+            t = p.detach().to(dtype)
+            t = t.full_tensor() if isinstance(t, DTensor) else t
+            done[id(p)] = t.cpu() if _rank() == 0 else None
+        if _rank() == 0:
+            full[name] = done[id(p)]
+    return full
+
+
+def resume_state(model, optimizer):
+    """What --resume needs, sharded: this rank's fp32 master weights and AdamW state (no gather) and its RNG state.
+    Also the structure dcp.load reads into (AdamW's state is created by a step at lr 0 if it has none yet)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    weights, optim = get_state_dict(model, optimizer)
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    return {"model": weights, "optimizer": optim, f"rng_rank{_rank()}": rng}  # one RNG entry per rank
+
+
+def save(out, step, model, optimizer, tokenizer, image_cfg, state, save_dtype, keep):
+    """
+    Write <out>/step_<step>/ (see the docstring at the top), then keep the newest `keep` step directories (0: all).
+    `state` (step, epoch, world, args: JSON) goes to train_state.json. Collective: every rank calls it.
+    """
+    import torch.distributed.checkpoint as dcp
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    check_finite(model, step)
+    final, partial = os.path.join(out, f"step_{step}"), os.path.join(out, f".step_{step}.partial")
+    weights = gather(model, getattr(torch, save_dtype))
+    if _rank() == 0:
+        with torch.device("meta"):  # a plain module around the gathered weights, for save_pretrained
+            plain = Qwen2_5_VLForConditionalGeneration._from_config(copy.deepcopy(model.config),
+                                                                    dtype=getattr(torch, save_dtype))
+        plain.load_state_dict(weights, assign=True)
+        plain.tie_weights()
+        shutil.rmtree(partial, ignore_errors=True)
+        common.save_checkpoint(plain, tokenizer, image_cfg, partial)
+        del plain, weights
+    _barrier()
+    dcp.save(resume_state(model, optimizer), checkpoint_id=os.path.join(partial, "resume"))
+    if _rank() == 0:
+        common.write_atomic(os.path.join(partial, "train_state.json"), json.dumps(state, indent=1) + "\n")
+        sizes = {os.path.relpath(os.path.join(d, f), partial): os.path.getsize(os.path.join(d, f))
+                 for d, _, files in os.walk(partial) for f in files}
+        common.write_atomic(os.path.join(partial, "manifest.json"), json.dumps(sizes, indent=1, sort_keys=True) + "\n")
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.rename(partial, final)  # atomic: a step_<N> is always complete
+        prune(out, keep)
+    _barrier()
+
+
+def step_dirs(out):
+    """[(step, path)] of <out>/step_<N>, newest first."""
+    steps = sorted((int(d[5:]) for d in os.listdir(out) if d.startswith("step_") and d[5:].isdigit()),
+                   reverse=True) if os.path.isdir(out) else []
+    return [(s, os.path.join(out, f"step_{s}")) for s in steps]
+
+
+def prune(out, keep):
+    """Delete all but the newest `keep` step directories (0: keep all), never the one <out>/final names. Each is
+    renamed away first, so a kill halfway through a deletion leaves no half-deleted step_<N> (and the next prune
+    finishes it)."""
+    link = os.path.join(out, "final")
+    named = os.path.realpath(link) if os.path.islink(link) else None
+    for _, path in step_dirs(out)[keep:] if keep else []:
+        if os.path.realpath(path) != named:
+            os.rename(path, os.path.join(out, "." + os.path.basename(path) + ".deleting"))
+    for d in os.listdir(out):
+        if d.startswith(".step_") and d.endswith(".deleting"):
+            shutil.rmtree(os.path.join(out, d))
+
+
+def incomplete(path):
+    """Why the checkpoint `path` cannot be resumed from, or None: every file its manifest lists is there, of its size,
+    and the weights' headers, the resume metadata and train_state.json parse."""
+    from safetensors import SafetensorError, safe_open
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        with open(os.path.join(path, "manifest.json")) as f:
+            sizes = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"no readable manifest.json: {e}"
+    for name, size in sorted(sizes.items()):
+        f = os.path.join(path, name)
+        if not os.path.isfile(f):
+            return f"{name} is missing"
+        if os.path.getsize(f) != size:
+            return f"{name} has {os.path.getsize(f)} of its {size} bytes"
+    try:
+        for name in sizes:
+            if name.endswith(".safetensors"):
+                with safe_open(os.path.join(path, name), "pt") as f:
+                    f.keys()
+        FileSystemReader(os.path.join(path, "resume")).read_metadata()
+        with open(os.path.join(path, "train_state.json")) as f:
+            json.load(f)
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
+        return f"unreadable: {e}"
+    return None
+
+
+def latest_checkpoint(out):
+    """The newest complete <out>/step_<N>, or None; says why it passed over any newer one."""
+    for _, path in step_dirs(out):
+        why = incomplete(path)
+        if why is None:
+            return path
+        common.print0(f"{path} is incomplete ({why}): falling back to the previous checkpoint")
+    return None
+
+
+def check_resume(path, args, may_change, world):
+    """The checkpoint's train_state.json, if it was written by a run with the same arguments (but `may_change`) on
+    the same number of ranks; else a SystemExit naming what differs."""
+    with open(os.path.join(path, "train_state.json")) as f:
+        state = json.load(f)
+    if state["world"] != world:
+        raise SystemExit(f"{path} was written by {state['world']} rank(s), this run has {world}: --resume needs the "
+                         f"same world size (the pairs of every step and the learning-rate schedule depend on it). To "
+                         f"go on with {world}, start a new run with --model {path}")
+    old, new = state["args"], json.loads(json.dumps(args))
+    changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {new.get(k)!r}"
+               for k in sorted(set(old) | set(new)) if k not in may_change and old.get(k) != new.get(k)]
+    if changed:
+        allowed = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(may_change))
+        raise SystemExit(f"{path} came from other arguments ({'; '.join(changed)}); resume with the same ones "
+                         f"(only {allowed} may change), or choose another --out")
+    return state
+
+
+def restore(path, model, optimizer):
+    """Read this rank's shards of the fp32 master weights and AdamW state back from <path>/resume, and its RNG."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = resume_state(model, optimizer)
+    dcp.load(state, checkpoint_id=os.path.join(path, "resume"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    rng = state[f"rng_rank{_rank()}"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+
+
+def link_final(out):
+    """<out>/final -> the newest complete step_<N>, replaced atomically: `final` always names a complete checkpoint."""
+    last = latest_checkpoint(out)
+    link = os.path.join(out, "final")
+    if os.path.lexists(link + ".tmp"):
+        os.remove(link + ".tmp")
+    os.symlink(os.path.basename(last), link + ".tmp")
+    os.replace(link + ".tmp", link)
+    return link, last
