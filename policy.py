@@ -19,7 +19,7 @@ Checkpoints, <out>/step_<N>/:
         time onto rank 0's CPU, cast before it travels, so no rank holds a second fp32 copy.
     resume/  torch.distributed.checkpoint: each rank writes its own shard of the fp32 master weights and of AdamW's
         state, and its RNG state (__<rank>_0.distcp); nothing is gathered.
-    train_state.json  step, epoch, world size, the run's arguments.
+    train_state.json, args.json  step, epoch, world size; the arguments a --resume must match.
     manifest.json  written last: every file's size. A checkpoint is complete when all of them are there, whole and
         readable; --resume takes the newest complete one and says which it passed over.
 A step directory is written as .step_<N>.partial and renamed: a kill at any moment leaves the previous complete step
@@ -29,6 +29,7 @@ length of the learning-rate schedule, depend on it. DCP could reshard the state,
 the same run; to move a run to another world size, start a new one from <out>/step_<N> (its optimizer starts afresh).
 """
 
+import contextlib
 import copy
 import json
 import os
@@ -42,9 +43,6 @@ import torch
 import torch.distributed as dist
 
 import common
-
-# one CPU process saves and loads its resume state without a process group, as DCP allows (and warns about each time)
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def _rank():
@@ -222,6 +220,14 @@ def gather(model, dtype):
     return full
 
 
+@contextlib.contextmanager
+def _dcp_quietly():
+    """One CPU process saves and loads its resume state without a process group, as DCP allows (and warns each time)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def resume_state(model, optimizer):
     """What --resume needs, sharded: this rank's fp32 master weights and AdamW state (no gather) and its RNG state.
     Also the structure dcp.load reads into (AdamW's state is created by a step at lr 0 if it has none yet)."""
@@ -232,30 +238,33 @@ def resume_state(model, optimizer):
     return {"model": weights, "optimizer": optim, f"rng_rank{_rank()}": rng}  # one RNG entry per rank
 
 
-def save(out, step, model, optimizer, tokenizer, image_cfg, state, save_dtype, keep):
+def save(out, step, model, optimizer, tokenizer, image_cfg, save_dtype, keep, state, args):
     """
     Write <out>/step_<step>/ (see the docstring at the top), then keep the newest `keep` step directories (0: all).
-    `state` (step, epoch, world, args: JSON) goes to train_state.json. Collective: every rank calls it.
+    `state` (step, epoch, world) goes to train_state.json, `args` (what a --resume must match) to args.json; both JSON.
+    Collective: every rank calls it.
     """
     import torch.distributed.checkpoint as dcp
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     check_finite(model, step)
     final, partial = os.path.join(out, f"step_{step}"), os.path.join(out, f".step_{step}.partial")
-    weights = gather(model, getattr(torch, save_dtype))
+    dtype = getattr(torch, save_dtype)
+    weights = gather(model, dtype)
     if _rank() == 0:
         with torch.device("meta"):  # a plain module around the gathered weights, for save_pretrained
-            plain = Qwen2_5_VLForConditionalGeneration._from_config(copy.deepcopy(model.config),
-                                                                    dtype=getattr(torch, save_dtype))
+            plain = Qwen2_5_VLForConditionalGeneration._from_config(copy.deepcopy(model.config), dtype=dtype)
         plain.load_state_dict(weights, assign=True)
         plain.tie_weights()
         shutil.rmtree(partial, ignore_errors=True)
         common.save_checkpoint(plain, tokenizer, image_cfg, partial)
         del plain, weights
-    _barrier()
-    dcp.save(resume_state(model, optimizer), checkpoint_id=os.path.join(partial, "resume"))
+    _barrier()  # the directory exists (save_checkpoint renames it into place) before the ranks write into it
+    with _dcp_quietly():
+        dcp.save(resume_state(model, optimizer), checkpoint_id=os.path.join(partial, "resume"))
     if _rank() == 0:
         common.write_atomic(os.path.join(partial, "train_state.json"), json.dumps(state, indent=1) + "\n")
+        common.write_atomic(os.path.join(partial, "args.json"), json.dumps(args, indent=1, sort_keys=True) + "\n")
         sizes = {os.path.relpath(os.path.join(d, f), partial): os.path.getsize(os.path.join(d, f))
                  for d, _, files in os.walk(partial) for f in files}
         common.write_atomic(os.path.join(partial, "manifest.json"), json.dumps(sizes, indent=1, sort_keys=True) + "\n")
@@ -310,8 +319,9 @@ def incomplete(path):
                 with safe_open(os.path.join(path, name), "pt") as f:
                     f.keys()
         FileSystemReader(os.path.join(path, "resume")).read_metadata()
-        with open(os.path.join(path, "train_state.json")) as f:
-            json.load(f)
+        for name in ("train_state.json", "args.json"):
+            with open(os.path.join(path, name)) as f:
+                json.load(f)
     except (OSError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
         return f"unreadable: {e}"
     return None
@@ -327,22 +337,19 @@ def latest_checkpoint(out):
     return None
 
 
-def check_resume(path, args, may_change, world):
-    """The checkpoint's train_state.json, if it was written by a run with the same arguments (but `may_change`) on
-    the same number of ranks; else a SystemExit naming what differs."""
+def check_resume(path, args, world):
+    """The checkpoint's train_state.json, if it was written on the same number of ranks by a run with the same `args`
+    (the record save wrote to args.json); else a SystemExit naming what differs."""
     with open(os.path.join(path, "train_state.json")) as f:
         state = json.load(f)
     if state["world"] != world:
         raise SystemExit(f"{path} was written by {state['world']} rank(s), this run has {world}: --resume needs the "
                          f"same world size (the pairs of every step and the learning-rate schedule depend on it). To "
                          f"go on with {world}, start a new run with --model {path}")
-    old, new = state["args"], json.loads(json.dumps(args))
-    changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {new.get(k)!r}"
-               for k in sorted(set(old) | set(new)) if k not in may_change and old.get(k) != new.get(k)]
+    changed = common.changed_args(os.path.join(path, "args.json"), args)
     if changed:
-        allowed = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(may_change))
-        raise SystemExit(f"{path} came from other arguments ({'; '.join(changed)}); resume with the same ones "
-                         f"(only {allowed} may change), or choose another --out")
+        raise SystemExit(f"{path} came from other arguments ({'; '.join(changed)}); resume with the same ones (those "
+                         f"whose help says so may change), or choose another --out")
     return state
 
 
@@ -352,7 +359,8 @@ def restore(path, model, optimizer):
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = resume_state(model, optimizer)
-    dcp.load(state, checkpoint_id=os.path.join(path, "resume"))
+    with _dcp_quietly():
+        dcp.load(state, checkpoint_id=os.path.join(path, "resume"))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     rng = state[f"rng_rank{_rank()}"]
     random.setstate(rng["python"])

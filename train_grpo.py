@@ -441,8 +441,10 @@ def main(argv=None):
                          f"{per_rank} per rank x {world} ranks")
     total = steps_per_epoch * args.epochs if not args.max_steps else min(args.max_steps, steps_per_epoch * args.epochs)
 
+    # what a --resume must match: every argument but those whose help says they may change
+    record = {k: v for k, v in vars(args).items() if k not in MAY_CHANGE_ON_RESUME}
     resume_dir = policy.latest_checkpoint(args.out) if args.resume else None
-    saved = policy.check_resume(resume_dir, vars(args), MAY_CHANGE_ON_RESUME, world) if resume_dir else None
+    saved = policy.check_resume(resume_dir, record, world) if resume_dir else None
     policy.init_single_process(device)  # one CUDA process: FSDP2 on one rank, the same path as torchrun's
     checkpointing = device.type == "cuda" if args.grad_checkpointing is None else args.grad_checkpointing
     common.print0(f"activation checkpointing {'on' if checkpointing else 'off'}"
@@ -557,9 +559,8 @@ def main(argv=None):
 
         # --- save
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total:
-            policy.save(args.out, step + 1, model, optimizer, tok, image_cfg,
-                        dict(step=step + 1, epoch=(step + 1) // steps_per_epoch, world=world, args=vars(args)),
-                        save_dtype, args.keep)
+            policy.save(args.out, step + 1, model, optimizer, tok, image_cfg, save_dtype, args.keep,
+                        dict(step=step + 1, epoch=(step + 1) // steps_per_epoch, world=world), record)
     if rank == 0:
         link, last = policy.link_final(args.out)
         common.print0(f"done: {total} steps, model at {link} -> {os.path.basename(last)}")

@@ -468,7 +468,7 @@ def test_checkpoint_round_trip(tmp_path, tiny):
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     opt.step()  # AdamW's moments exist
-    policy.save(str(tmp_path), 3, model, opt, tok, cfg, dict(step=3, world=1, args={}), "float32", keep=2)
+    policy.save(str(tmp_path), 3, model, opt, tok, cfg, "float32", 2, dict(step=3, world=1), {})
     draws = (random.random(), np.random.rand(), torch.rand(1))
     d = str(tmp_path / "step_3")
     # resume/ brings the master weights, AdamW's state and the RNG back exactly, into a fresh model and optimizer
@@ -503,7 +503,7 @@ def test_tied_embedding_stays_tied_through_load_and_save(tmp_path):
     for m in (policy_model, ref):
         assert m.lm_head.weight is m.model.language_model.embed_tokens.weight
     policy.save(str(tmp_path / "run"), 1, policy_model, torch.optim.AdamW(policy_model.parameters()), tok, cfg,
-                dict(step=1, world=1, args={}), "float32", keep=2)
+                "float32", 2, dict(step=1, world=1), {})
     saved = common.load_model(str(tmp_path / "run" / "step_1"), "cpu", "float32")[0]
     assert saved.lm_head.weight is saved.model.language_model.embed_tokens.weight
     assert torch.equal(saved.lm_head.weight, model.lm_head.weight)
@@ -637,17 +637,24 @@ def test_resume_refuses_other_arguments_and_names_them(tmp_path, reference_run):
     base = ["--labels", str(reference_run.parent / "votes.jsonl"), "--out", str(run), "--k", "4", "--max-new-tokens",
             "6", "--lr", "1e-3", "--epochs", "2", "--micro-batch", "3", "--seed", "1", "--batch-pairs", "2",
             "--save-every", "1", "--updates-per-batch", "2", "--resume"]
-    with pytest.raises(SystemExit, match=r"came from other arguments \(--k 4 -> 3; --lr 0\.001 -> 5\.0\).*only "
-                                         r"--grad-checkpointing, --keep, --max-steps, --out, --resume, --save-dtype, "
-                                         r"--save-every may change"):
+    with pytest.raises(SystemExit, match=r"came from other arguments \(--k 4 -> 3; --lr 0\.001 -> 5\.0\); resume "
+                                         r"with the same ones \(those whose help says so may change\)"):
         train_grpo.main(base + ["--lr", "5", "--k", "3"])
-    # those that may change are allowed (checked without running: this is the check main runs first)
+    # those whose help says so may change (checked without running: this is the check main runs first)
     args = train_grpo.parse_args(base + ["--max-steps", "9", "--save-every", "3", "--keep", "5", "--save-dtype",
                                         "bfloat16", "--no-grad-checkpointing"])
-    state = policy.check_resume(str(run / "step_4"), vars(args), train_grpo.MAY_CHANGE_ON_RESUME, 1)
-    assert state["step"] == 4
+    record = {k: v for k, v in vars(args).items() if k not in train_grpo.MAY_CHANGE_ON_RESUME}
+    assert policy.check_resume(str(run / "step_4"), record, 1)["step"] == 4
     with pytest.raises(SystemExit, match=r"written by 1 rank\(s\), this run has 2: --resume needs the same world size"):
-        policy.check_resume(str(run / "step_4"), vars(args), train_grpo.MAY_CHANGE_ON_RESUME, 2)
+        policy.check_resume(str(run / "step_4"), record, 2)
+
+
+def test_the_flags_that_may_change_on_resume_say_so(capsys):
+    with pytest.raises(SystemExit):
+        train_grpo.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.count("may change on --resume") == len(train_grpo.MAY_CHANGE_ON_RESUME - {"out", "resume"}) == 5
+    assert "run directory (it may move before a --resume)" in text
 
 
 def test_save_refuses_non_finite_weights(tmp_path):
@@ -656,7 +663,7 @@ def test_save_refuses_non_finite_weights(tmp_path):
         model.model.language_model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
     with pytest.raises(ValueError, match=r"step 7: the weights are not finite \(model\.language_model\.layers\.1\.mlp\."
                                          r"up_proj\.weight\); refusing to save"):
-        policy.save(str(tmp_path), 7, model, torch.optim.AdamW(model.parameters()), tok, cfg, {}, "float32", 2)
+        policy.save(str(tmp_path), 7, model, torch.optim.AdamW(model.parameters()), tok, cfg, "float32", 2, {}, {})
     assert os.listdir(tmp_path) == []
 
 
