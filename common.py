@@ -94,15 +94,21 @@ def chat(prompts, task, grids, think=True):
 
 
 # -----------------------------------------------------------------------------
-# answer parsing: the last \boxed{...} (the backslash is optional: the suffix itself says "boxed{ }"). Without
-# the reasoning suffix (--no-think) nothing asks for a box, so there a bare answer is the whole completion.
+# answer parsing: the last \boxed{...} (the backslash is optional: the suffix itself says "boxed{ }") or
+# <answer>...</answer> block, whichever comes last: VisualQuality-R1 and Q-Insight answer in <answer> tags, so a
+# round stacked on them (paper Table 4) parses its own answers. Without the reasoning suffix (--no-think) nothing
+# asks for a box, so there a bare answer is the whole completion.
 
-BOXED = re.compile(r"boxed\{([^{}]*)\}")
+# an <answer> block holds no other <answer>: of nested blocks the innermost counts, an unclosed one counts for nothing
+ANSWER = re.compile(r"boxed\{([^{}]*)\}|<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 
 
 def answer(text):
-    found = BOXED.findall(text)
-    return found[-1].strip() if found else text.strip()
+    found = list(ANSWER.finditer(text))
+    if not found:
+        return text.strip()
+    box, block = found[-1].groups()
+    return box.strip() if box is not None else answer(block)  # a box inside the block is the answer
 
 
 def parse_compare(text, labels=("0", "1")):

@@ -26,6 +26,16 @@ over its images' prompts records their keys/values with gradients, then one forw
 attends to them, instead of one prompt+completion forward per completion. It equals the plain path
 (--no-shared-prefix, kept as the oracle) to float rounding, with or without --grad-checkpointing and under
 FSDP; a micro-batch holding all K completions of its images (--micro-batch K) runs each prompt once.
+
+load_labels decides each pair's label and whether it trains: pairs whose K answers were all invalid are skipped
+(--min-valid-votes), as are the same two images repeated with another p (refused, naming both lines; repeats
+that agree are merged). Ablations and variants, each off by default and each a departure from the paper:
+    --reward regression --labels round1/estimates.jsonl   EvoEstimate (Sec. 4.3, Table 5): Q-Insight's score
+        reward against vote.py --task score's pseudo-estimates instead of Eq. 2-3; Eq. 4-6, FSDP and checkpoints
+        are shared (metrics.jsonl's fidelity_mean is then the mean score reward of the valid rollouts)
+    --adv-norm none      Dr. GRPO's advantage r - mean(r) instead of Eq. 4's standardised one
+    --label soft         p* = wins_a / (wins_a + wins_b) instead of Eq. 1's majority
+    --min-margin M       only pairs whose vote margin |wins_a - wins_b| / (wins_a + wins_b) is at least M
 """
 
 import argparse
@@ -51,7 +61,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data
     ap.add_argument("--model", default="tiny", help="policy init: 'tiny', a checkpoint dir or a hub id")
-    ap.add_argument("--labels", nargs="+", required=True, help="vote.py JSONL file(s)")
+    ap.add_argument("--labels", nargs="+", required=True,
+                    help="vote.py JSONL file(s); with --reward regression, vote.py --task score's (pseudo-estimates)")
     ap.add_argument("--image-root", help="directory the labels' image paths are relative to (default: each labels file's directory)")
     ap.add_argument("--prompts", help="JSON file overriding the paper's prompts (Table 1)")
     ap.add_argument("--batch-pairs", type=int, default=4, help="pairs per step per rank (the paper's B)")
@@ -60,6 +71,17 @@ def parse_args(argv=None):
     ap.add_argument("--group-by", default="ref", help="the fields a group's pairs share, as vote.py's --group-by: "
                     "ref,distortion makes one group per (reference, type); an original (distortion null) goes "
                     "with its partner's type")
+    ap.add_argument("--batch-images", type=int, default=0,
+                    help="--reward regression: images per step per rank (0: twice --batch-pairs, the images of B pairs)")
+    ap.add_argument("--label", choices=("hard", "soft"), default="hard",
+                    help="hard: p* of Eq. 1 as vote.py wrote it (the paper); soft: p* = wins_a / (wins_a + wins_b), "
+                         "the vote share (a departure from the paper)")
+    ap.add_argument("--min-margin", type=float, default=0.0,
+                    help="train only on pairs whose vote margin |wins_a - wins_b| / (wins_a + wins_b) is at least this "
+                         "(0: every pair, the paper; more is a departure from it)")
+    ap.add_argument("--min-valid-votes", type=int, default=1,
+                    help="skip, and count, pairs with fewer valid votes wins_a + wins_b (all invalid: Eq. 1's 0.5 says "
+                         "nothing), or with --reward regression images with fewer valid scores")
     ap.add_argument("--epochs", type=int, default=1, help="passes over the pairs")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all epochs); may change "
                     "on --resume (the learning rate then decays to 0 at the new end)")
@@ -71,6 +93,14 @@ def parse_args(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=1024)
     ap.add_argument("--no-think", action="store_true", help="score prompt without the reasoning suffix")
     ap.add_argument("--gamma", type=float, default=1e-6, help="Eq. 2's variance floor (the paper: 'a small positive constant')")
+    # reward and advantage
+    ap.add_argument("--reward", choices=("fidelity", "regression"), default="fidelity",
+                    help="fidelity: Eq. 2-3 against the pairs' p* (EvoQuality); regression: Q-Insight's score reward "
+                         "against vote.py --task score's pseudo-estimates (EvoEstimate, the ablation of Sec. 4.3)")
+    ap.add_argument("--score-threshold", type=float, default=0.35,
+                    help="--reward regression: a score within this of the estimate earns 1 (Q-Insight's default 0.35)")
+    ap.add_argument("--adv-norm", choices=("std", "none"), default="std",
+                    help="std: Eq. 4 (the paper); none: r - mean(r), Dr. GRPO's advantage (a departure from the paper)")
     # optimisation
     ap.add_argument("--clip-eps", type=float, default=0.2, help="Eq. 5's epsilon (paper: 0.2)")
     ap.add_argument("--beta", type=float, default=0.05, help="KL weight of Eq. 5 (paper: 0.05)")
@@ -118,6 +148,12 @@ def parse_args(argv=None):
     common.check_numbers(ap, args, positive=("gamma", "clip_eps", "lr", "grad_clip"),
                          nonnegative=("beta", "weight_decay", "max_steps", "save_every", "keep", "batch_groups", "seed"))
     common.check_out(ap, args.out, inputs=(args.model, args.prompts, *args.labels), directory=True)
+    common.check_numbers(ap, args, nonnegative=("min_margin", "min_valid_votes", "batch_images"),
+                         positive=("score_threshold",))
+    if args.min_margin > 1:
+        ap.error(f"--min-margin must be in [0, 1], got {args.min_margin}")
+    if args.reward == "regression" and (args.label != "hard" or args.min_margin > 0):
+        ap.error("--label and --min-margin choose pairs' labels; --reward regression trains on estimates")
     return args
 
 
@@ -142,21 +178,64 @@ def pair_group(row, fields):
     return tuple(key)
 
 
-def load_labels(paths, image_root=None, group_by=("ref",)):
+def vote_counts(row, where):
+    """(wins_a, wins_b) of a vote.py row, or None for a label file that carries no votes."""
+    if "wins_a" not in row and "wins_b" not in row:
+        return None
+    votes = row.get("wins_a"), row.get("wins_b")
+    if not all(type(v) is int and v >= 0 for v in votes):
+        raise ValueError(f"{where}: wins_a and wins_b must be non-negative integers, got {votes}")
+    return votes
+
+
+def load_labels(paths, image_root=None, group_by=("ref",), label="hard", min_margin=0.0, min_valid_votes=1):
     """
     [{a, b, names, p, group}]: a, b resolved image paths, names the paths as written (they seed the rollouts,
-    so a moved data directory samples the same), p = p*(a, b) of Eq. 1, group the pair's (file, shared values
-    of group_by). Errors name file and row.
+    so a moved data directory samples the same), p = p*(a, b), group the pair's (file, shared values of group_by).
+    The one place that decides a pair's label and whether it trains:
+      - p: label 'hard' (the paper) takes the row's p, which must be Eq. 1's 0, 0.5 or 1; label 'soft' (a departure
+        from the paper) takes the vote share wins_a / (wins_a + wins_b), Eq. 3 being defined for any p in [0, 1]
+        (a row's own p must then be its votes' Eq. 1 or that share; a row without votes gives its own p in [0, 1]);
+      - skipped, and counted: pairs with fewer than min_valid_votes valid votes wins_a + wins_b (all K answers
+        invalid gives Eq. 1's 0.5, which says nothing), and pairs whose vote margin |wins_a - wins_b| / (wins_a +
+        wins_b) is below min_margin (0 valid votes: margin 0). Both read the votes, never p;
+      - the same two images twice, in either order: merged if their p agree (one pair, trained once), refused
+        with both lines if not.
+    A row without wins_a / wins_b (a label file not written by vote.py) is used as its p says, under either label;
+    min_margin > 0 and min_valid_votes > 1 need the votes. Errors name file and row.
     """
-    pairs, readable = [], set()
+    pairs, readable, seen = [], set(), {}
+    skipped = dict(votes=0, margin=0, merged=0)
     for path in paths:
         root = image_root or os.path.dirname(os.path.abspath(path))
         for n, row in common.read_jsonl_lines(path):
             where = f"{path}:{n}"
             if not (isinstance(row.get("a"), str) and isinstance(row.get("b"), str)):
                 raise ValueError(f"{where}: needs image paths 'a' and 'b', got {row}")
-            if type(row.get("p")) not in (int, float) or row["p"] not in (0, 0.5, 1):
-                raise ValueError(f"{where}: p must be 0, 0.5 or 1 (Eq. 1), got {row.get('p')!r}")
+            votes = vote_counts(row, where)
+            if votes is None and (min_margin > 0 or min_valid_votes > 1):
+                raise ValueError(f"{where}: --min-margin and --min-valid-votes > 1 need the row's votes wins_a, wins_b")
+            given = row.get("p")
+            if label == "hard" and (type(given) not in (int, float) or given not in (0, 0.5, 1)):
+                raise ValueError(f"{where}: p must be 0, 0.5 or 1 (Eq. 1), got {given!r} (a soft p* in (0, 1) needs "
+                                 f"--label soft)")
+            if type(given) not in (int, float) or not 0 <= given <= 1:
+                raise ValueError(f"{where}: p must be a number in [0, 1], got {given!r}")
+            if label == "hard" or votes is None:
+                p = float(given)
+            else:
+                p = votes[0] / sum(votes) if sum(votes) else 0.5
+                eq1 = 1.0 if votes[0] > votes[1] else 0.5 if votes[0] == votes[1] else 0.0
+                if given not in (eq1, p):  # e.g. labels shuffled across pairs: soft would train on the votes
+                    raise ValueError(f"{where}: p {given!r} is neither Eq. 1 of its votes {votes[0]}:{votes[1]} "
+                                     f"({eq1}) nor their share ({p:.4g}); --label soft takes p* from the votes")
+            if votes is not None and sum(votes) < min_valid_votes:
+                skipped["votes"] += 1
+                continue
+            margin = abs(votes[0] - votes[1]) / sum(votes) if votes is not None and sum(votes) else 0.0
+            if votes is not None and margin < min_margin:
+                skipped["margin"] += 1
+                continue
             a, b = (os.path.normpath(os.path.join(root, row[s])) for s in "ab")
             if a == b:
                 raise ValueError(f"{where}: 'a' and 'b' are the same image {a}")
@@ -170,13 +249,76 @@ def load_labels(paths, image_root=None, group_by=("ref",)):
                 except ValueError as e:
                     raise ValueError(f"{where}: image '{s}': {e}") from None
                 readable.add(f)
+            key, p_key = (a, b), p  # p*(first, second) of the pair in a fixed order, to compare either order
+            if b < a:
+                key, p_key = (b, a), 1.0 - p
+            if key in seen:
+                first, first_p = seen[key]
+                if first_p != p_key:
+                    raise ValueError(f"{where}: pair ({row['a']!r}, {row['b']!r}) has p* {p} but {first} labels the "
+                                     f"same two images p* {first_p if key == (a, b) else 1.0 - first_p} in this order: "
+                                     f"contradictory labels")
+                skipped["merged"] += 1
+                continue
+            seen[key] = (where, p_key)
             # vote.py groups pairs by their shared reference (and type); a pair without one is its own group
             key = pair_group(row, group_by)
             group = (path, *key) if key is not None else (path, n)
-            pairs.append(dict(a=a, b=b, names=(row["a"], row["b"]), p=float(row["p"]), group=group))
+            pairs.append(dict(a=a, b=b, names=(row["a"], row["b"]), p=p, group=group))
+    common.print0(f"labels: {len(pairs)} pairs ({label} p*); skipped {skipped['votes']} with fewer than "
+                  f"{min_valid_votes} valid votes and {skipped['margin']} with a vote margin below {min_margin}; "
+                  f"merged {skipped['merged']} repeated pairs")
     if not pairs:
-        raise ValueError(f"{' '.join(paths)}: no labelled pairs")
+        left = " left after skipping" if skipped["votes"] or skipped["margin"] else ""
+        raise ValueError(f"{' '.join(paths)}: no labelled pairs{left}")
     return pairs
+
+
+def load_estimates(paths, image_root=None, group_by=("ref",), min_valid_votes=1):
+    """
+    --reward regression's labels, vote.py --task score's lines: [{a, names, estimate, group}] per image (a the
+    resolved path, names the path as written, estimate the pseudo-estimate, group the image's (file, values of
+    group_by) for --batch-groups). Images with fewer than min_valid_votes valid scores (estimate null: none) are
+    skipped and counted; an image listed twice is merged if its estimates agree and refused with both lines if not.
+    """
+    items, seen = [], {}
+    skipped = dict(votes=0, merged=0)
+    for path in paths:
+        root = image_root or os.path.dirname(os.path.abspath(path))
+        for n, row in common.read_jsonl_lines(path):
+            where = f"{path}:{n}"
+            if not isinstance(row.get("image"), str):
+                raise ValueError(f"{where}: needs an image path 'image' (vote.py --task score's lines), got {row}")
+            estimate, k, invalid = row.get("estimate"), row.get("k"), row.get("invalid")
+            if not (estimate is None or (type(estimate) in (int, float) and 1 <= estimate <= 5)):
+                raise ValueError(f"{where}: estimate must be a score in [1, 5] or null, got {estimate!r}")
+            if not (type(k) is int and type(invalid) is int and 0 <= invalid <= k):
+                raise ValueError(f"{where}: needs integers k and invalid <= k, got {k!r}, {invalid!r}")
+            if estimate is None or k - invalid < min_valid_votes:
+                skipped["votes"] += 1
+                continue
+            a = os.path.normpath(os.path.join(root, row["image"]))
+            if not os.path.isfile(a):
+                raise ValueError(f"{where}: image not found: {a}")
+            try:  # its header, as load_labels does: a corrupt file fails before any model
+                common.check_image(a)
+            except ValueError as e:
+                raise ValueError(f"{where}: image: {e}") from None
+            if a in seen:
+                if seen[a][1] != estimate:
+                    raise ValueError(f"{where}: image {row['image']!r} has estimate {estimate} but {seen[a][0]} gives "
+                                     f"it {seen[a][1]}: contradictory labels")
+                skipped["merged"] += 1
+                continue
+            seen[a] = (where, estimate)
+            values = tuple(row.get(f) for f in group_by)
+            group = (path, *values) if values[0] is not None else (path, n)
+            items.append(dict(a=a, names=(row["image"],), estimate=float(estimate), group=group))
+    common.print0(f"labels: {len(items)} images with a pseudo-estimate; skipped {skipped['votes']} with fewer than "
+                  f"{min_valid_votes} valid scores; merged {skipped['merged']} repeated images")
+    if not items:
+        raise ValueError(f"{' '.join(paths)}: no image with a pseudo-estimate")
+    return items
 
 
 def make_units(pairs, by_groups):
@@ -246,12 +388,32 @@ def rollout_rewards(texts, partners, gamma):
     return fidelity_rewards(scores, partners, gamma), scores
 
 
-def advantages(r):
+def regression_rewards(scores, targets, threshold):
+    """
+    --reward regression, EvoEstimate's online stage (Sec. 4.3: "the rewards as Q-Insight"): {image: K rewards} from
+    {image: K parsed scores (None = invalid)} and {image: its pseudo-estimate}. Q-Insight's score reward: 1 if a
+    rollout's score is strictly within the threshold (default 0.35) of the label, else 0; 0 for an answer that does
+    not parse. Source: bytedance/Q-Insight, src/open-r1-multimodal/src/open_r1/qinsight_multi_task.py,
+    score_reward(), lines 345-346 (the 0.35 default of score_reward_threshold: line 104), read in its fork
+    TobyYang7/Q-Insight at commit 0dcad791 (the public-code index we searched holds no copy of the bytedance
+    repository's training code; the fork jxma20/Q-insight-underwater has the same rule plus a bonus of its own).
+    Q-Insight also adds a format reward (format_reward() in the same file: 1 for its <think> ... <answer>{"rating":
+    ...}</answer> layout). It is left out: Eq. 3 has none, so only the reward on the score differs between the two.
+    """
+    return {x: np.array([float(s is not None and abs(s - targets[x]) < threshold) for s in q])
+            for x, q in scores.items()}
+
+
+def advantages(r, norm="std"):
     """
     Eq. 4 over one image's K rewards, population std (ddof=0). Invalid rollouts (reward 0) are part of the
     group: that is what teaches the policy to answer validly. Zero spread -> zero advantage, never NaN.
+    norm 'none' (--adv-norm none, Dr. GRPO's advantage; a departure from the paper): r - mean(r), unscaled, so
+    rewards that differ by 1e-6 within a group give advantages of ~1e-6 instead of Eq. 4's +-1.73.
     """
     r = np.asarray(r, dtype=np.float64)
+    if norm == "none":
+        return r - r.mean()
     std = r.std()
     return np.zeros_like(r) if std < 1e-8 else (r - r.mean()) / std
 
@@ -433,12 +595,15 @@ def main(argv=None):
     rank, world, device = common.dist_setup()
     device = torch.device(args.device) if args.device and world == 1 else device
     prompts = common.load_prompts(args.prompts)
-    units = make_units(load_labels(args.labels, args.image_root, args.group_by.split(",")), args.batch_groups > 0)
-    per_rank = args.batch_groups or args.batch_pairs
+    regression, group_by = args.reward == "regression", args.group_by.split(",")  # regression: a unit is an image
+    labelled = (load_estimates(args.labels, args.image_root, group_by, args.min_valid_votes) if regression else
+                load_labels(args.labels, args.image_root, group_by, args.label, args.min_margin, args.min_valid_votes))
+    units = make_units(labelled, args.batch_groups > 0)
+    per_rank = args.batch_groups or ((args.batch_images or 2 * args.batch_pairs) if regression else args.batch_pairs)
+    unit = "groups" if args.batch_groups else "images" if regression else "pairs"
     steps_per_epoch = len(units) // (per_rank * world)
     if steps_per_epoch == 0:
-        raise SystemExit(f"{len(units)} {'groups' if args.batch_groups else 'pairs'} cannot fill one step of "
-                         f"{per_rank} per rank x {world} ranks")
+        raise SystemExit(f"{len(units)} {unit} cannot fill one step of {per_rank} per rank x {world} ranks")
     total = steps_per_epoch * args.epochs if not args.max_steps else min(args.max_steps, steps_per_epoch * args.epochs)
 
     # what a --resume must match: every argument but those whose help says they may change
@@ -462,9 +627,9 @@ def main(argv=None):
     if rank == 0:  # a resumed run rewrites the steps after its checkpoint
         common.write_jsonl_atomic(metrics_path, [m for m in common.read_partial_jsonl(metrics_path) if m["step"] <= start])
 
-    unit = "groups" if args.batch_groups else "pairs"
-    per_unit = np.mean([len({x for p in u for x in (p["a"], p["b"])}) for u in units])
-    common.print0(f"{sum(map(len, units))} pairs in {len(units)} {unit}, {world} rank(s): {per_rank} {unit} x "
+    per_unit = np.mean([len({x for p in u for x in (p["a"], p.get("b", p["a"]))}) for u in units])
+    common.print0(f"{sum(map(len, units))} {'images' if regression else 'pairs'} in {len(units)} {unit}, {world} "
+                  f"rank(s): {per_rank} {unit} x "
                   f"{per_unit:.3g} images x {args.k} rollouts = {per_rank * per_unit * args.k:.0f} completions per step "
                   f"per rank (fewer where pairs share images); {steps_per_epoch} steps per epoch, {total} steps"
                   + (f" from step {start} ({resume_dir})" if resume_dir else "")
@@ -480,9 +645,10 @@ def main(argv=None):
     for step in bar:
         t0 = time.time()
         pairs = step_pairs(units, per_rank, world, rank, args.seed, step)
-        partners = partners_of(pairs)
-        keys = list(partners)
-        names = {x: n for pr in pairs for x, n in zip((pr["a"], pr["b"]), pr["names"])}
+        partners = None if regression else partners_of(pairs)
+        targets = {pr["a"]: pr["estimate"] for pr in pairs} if regression else None
+        keys = list(targets if regression else partners)
+        names = {x: n for pr in pairs for x, n in zip((pr["a"], pr.get("b")), pr["names"])}  # an image has one name
         images = {x: common.preprocess_image(common.load_image(x), image_cfg) for x in keys}
 
         # --- sample: K rollouts of c_score per image, seeded per (step, image) so batching never changes them
@@ -492,11 +658,15 @@ def main(argv=None):
                               seed=[common.stable_seed(args.seed, step, names[x]) for x in keys])
         texts = {x: out["texts"][i * args.k:(i + 1) * args.k] for i, x in enumerate(keys)}
 
-        # --- score + reward (Eq. 2-3)
-        rewards, scores = rollout_rewards(texts, partners, args.gamma)
+        # --- score + reward (Eq. 2-3; --reward regression: Q-Insight's score reward against the pseudo-estimates)
+        if regression:
+            scores = {x: [common.parse_score(t) for t in ts] for x, ts in texts.items()}
+            rewards = regression_rewards(scores, targets, args.score_threshold)
+        else:
+            rewards, scores = rollout_rewards(texts, partners, args.gamma)
 
         # --- advantage (Eq. 4), within each image's K rollouts
-        adv = torch.tensor(np.concatenate([advantages(rewards[x]) for x in keys]), dtype=torch.float32, device=device)
+        adv = torch.tensor(np.concatenate([advantages(rewards[x], args.adv_norm) for x in keys]), dtype=torch.float32, device=device)
         # a sampled <|image_pad|> would read as an image slot in the forward: the completion ends there for
         # the loss (that token's own log-prob stays exact, as the last token is never an input)
         img_tok = model.config.image_token_id

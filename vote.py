@@ -31,6 +31,19 @@ Output, one line per pair: i, a, b (paths as in the manifest), wins_a, wins_b, i
 side), first_wins (votes for the image shown first), the images' ref/distortion/level/mos as ref_a, ref_b, ...
 when the manifest has them (diagnostics only, never labels), and with --save-text the completions (texts: ab
 and ba, by order shown) or, with --no-think, the label probabilities per order (probs).
+
+--task score is the offline stage of EvoEstimate (paper Sec. 4.3, Table 5), the ablation that votes on absolute
+scores instead: K samples of the score prompt c_score per image (--images N of the manifest, or all), and the
+pseudo-estimate is the mean of the valid ones; train_grpo.py --reward regression trains on it.
+
+    python vote.py --task score --model Qwen/Qwen2.5-VL-7B-Instruct --manifest pool/manifest.jsonl \\
+        --source authentic --images all --k 32 --out round1/estimates.jsonl
+
+One line per image: i, image, k, scores (the K parsed scores, null where invalid), estimate (their valid mean,
+null if none is valid), invalid, the image's ref/distortion/level/mos when the manifest has them, and with
+--save-text the completions (texts). With --no-think an answer is one token, and one forward gives each image's
+exact score distribution over the tokens that parse as a score: expected (the exact mean score of a valid answer)
+is written, the K scores are a draw from that distribution, and --save-text adds it (probs).
 """
 
 import argparse
@@ -67,6 +80,10 @@ def parse_args(argv=None):
     p.add_argument("--pairs-file", default=None, help="vote on these pairs, in this order, instead of drawing them "
                    "(JSONL with 'a', 'b' paths as in the manifest)")
     p.add_argument("--seed", type=int, default=0, help="fixes the pairs, the orders and every sample")
+    p.add_argument("--task", choices=("compare", "score"), default="compare",
+                   help="compare: K votes per pair, Eq. 1 (EvoQuality); score: K scores per image with c_score, "
+                        "their mean the pseudo-estimate (EvoEstimate, Sec. 4.3; not the paper's method)")
+    p.add_argument("--images", default="all", help="--task score: images drawn from the manifest, or 'all'")
     # sampling
     p.add_argument("--k", type=int, default=32,
                    help="queries per pair, split evenly between the two orders (paper: 32)")
@@ -75,7 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=0, help="0: off (paper: off)")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="a longer reasoning counts as invalid")
     p.add_argument("--no-think", action="store_true", help="no reasoning suffix: exact one-token vote probabilities")
-    p.add_argument("--batch-pairs", type=int, default=4, help="pairs per sampler call (2 requests x K/2 rows each)")
+    p.add_argument("--batch-pairs", type=int, default=4, help="pairs per sampler call (2 requests x K/2 rows each; "
+                   "--task score: images, 1 request x K rows each)")
     p.add_argument("--prompts", default=None, help="JSON overriding the Table 1 prompts / compare_labels")
     # output
     p.add_argument("--out", default="votes.jsonl", help="one line per pair; <out>.args.json records the arguments")
@@ -85,6 +103,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.pairs != "all" and not (args.pairs.isdigit() and int(args.pairs) > 0):
         p.error(f"--pairs must be a positive integer or 'all', got {args.pairs!r}")
+    if args.images != "all" and not (args.images.isdigit() and int(args.images) > 0):
+        p.error(f"--images must be a positive integer or 'all', got {args.images!r}")
+    if args.task == "score" and args.pairs_file:
+        p.error("--pairs-file names pairs: it is for --task compare")
     if args.k < 1 or args.batch_pairs < 1:
         p.error("--k and --batch-pairs must be at least 1")
     common.check_sampling(p, args)
@@ -212,7 +234,8 @@ def label_tokens(tokenizer, labels):
 
 @torch.no_grad()
 def label_probs(model, tokenizer, requests, images, label_ids, temperature, top_p=1.0, top_k=0):
-    """[R, 2] float64: the probability that a one-token answer to each request is the first / second label."""
+    """[R, L] float64: the probability that a one-token answer to each request is each of the L labels (the first /
+    second image's, or with --task score each score value), a label being any of its token ids."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else common.stop_ids(tokenizer)[0]
     logits = common.prefill(model, requests, images, pad_id=pad)[0]  # float32, as the sampler sees them
     probs = common.token_probs(logits, temperature, top_p, top_k)  # what the sampler draws from
@@ -282,6 +305,105 @@ def vote_batch(model, tokenizer, prompts, image_cfg, root, pool, pairs, batch, a
 
 
 # -----------------------------------------------------------------------------
+# --task score (EvoEstimate, Sec. 4.3): K scores of c_score per image, the pseudo-estimate their valid mean
+
+def draw_images(pool, images, seed):
+    """The run's images as 1-tuples of pool indices: `images` (an int or 'all') drawn without replacement, kept in
+    manifest order."""
+    count = len(pool) if images == "all" else int(images)
+    if count > len(pool):
+        raise ValueError(f"--images {count}: the manifest has only {len(pool)} images")
+    return [(j,) for j in sorted(np.random.default_rng(seed).permutation(len(pool))[:count].tolist())]
+
+
+def score_tokens(tokenizer):
+    """([score values], [[token ids]]): the tokens whose text alone is a valid score (common.parse_score), by value."""
+    texts = tokenizer.batch_decode([[t] for t in range(len(tokenizer))], skip_special_tokens=True)
+    by_value = {}
+    for t, s in enumerate(texts):
+        value = common.parse_score(s)
+        if value is not None:
+            by_value.setdefault(value, []).append(t)
+    if not by_value:
+        raise ValueError("--no-think --task score: no single token of this tokenizer is a valid score")
+    values = sorted(by_value)
+    return values, [by_value[v] for v in values]
+
+
+def score_row(i, image, scores, k):
+    """Image i's line: its K parsed scores and the pseudo-estimate, their valid mean (None if none is valid)."""
+    valid = [s for s in scores if s is not None]
+    row = dict(i=i, image=image["image"], k=k, scores=scores, estimate=float(np.mean(valid)) if valid else None,
+               invalid=k - len(valid))
+    row.update({field: image[field] for field in META if field in image})
+    return row
+
+
+def score_batch(model, tokenizer, prompts, image_cfg, root, pool, items, batch, args, score_ids):
+    """Output rows for the image indices in `batch`: one request per image, sampled K times from one prefill, or
+    with --no-think K draws from its exact one-token score distribution (score_ids: score_tokens' pair)."""
+    shown = [pool[items[i][0]] for i in batch]
+    images = load_images(shown, root, image_cfg, args.manifest)
+    requests = [(common.encode_prompt(tokenizer, prompts, "score", [images[r["image"]][1]], think=not args.no_think),
+                 [r["image"]]) for r in shown]
+    seeds = [common.stable_seed(args.seed, r["image"], "score") for r in shown]  # an image's scores: its own seed
+    rows = []
+    if args.no_think:
+        values, ids = score_ids
+        probs = label_probs(model, tokenizer, requests, images, ids, args.temperature, args.top_p, args.top_k).numpy()
+        for i, image, pv, seed in zip(batch, shown, probs, seeds):
+            pv = np.append(pv, max(0.0, 1.0 - pv.sum()))  # each value, then anything else (invalid)
+            drawn = np.random.default_rng(seed).choice(len(pv), size=args.k, p=pv / pv.sum())
+            row = score_row(i, image, [values[d] if d < len(values) else None for d in drawn.tolist()], args.k)
+            valid = pv[:-1].sum()
+            row["expected"] = float(pv[:-1] @ np.array(values) / valid) if valid > 0 else None  # exact, no draws
+            if args.save_text:
+                row["probs"] = {f"{v:g}": float(q) for v, q in zip(values, pv)} | {"invalid": float(pv[-1])}
+            rows.append(row)
+        return rows
+    out = common.sample(model, tokenizer, requests, images, n=args.k, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=seeds)
+    for n, (i, image) in enumerate(zip(batch, shown)):
+        texts = out["texts"][n * args.k:(n + 1) * args.k]  # rows come request by request
+        row = score_row(i, image, [common.parse_score(t) for t in texts], args.k)
+        if args.save_text:
+            row["texts"] = texts
+        rows.append(row)
+    return rows
+
+
+def summarize_scores(rows):
+    """Print (and return) what tells a user whether these pseudo-estimates are worth training on."""
+    from scipy.stats import spearmanr
+
+    votes = sum(r["k"] for r in rows)
+    estimates = np.array([r["estimate"] for r in rows if r["estimate"] is not None])
+    spread = [np.std([s for s in r["scores"] if s is not None]) for r in rows if r["k"] - r["invalid"] > 1]
+    summary = dict(images=len(rows), votes=votes, invalid_rate=sum(r["invalid"] for r in rows) / votes,
+                   all_invalid=sum(r["estimate"] is None for r in rows),
+                   estimate_mean=float(estimates.mean()) if len(estimates) else None,
+                   estimate_std=float(estimates.std()) if len(estimates) else None,
+                   score_spread=float(np.mean(spread)) if spread else None)
+    for name, sign in (("level", -1), ("mos", 1)):  # lower level is better, higher mos is better
+        known = [(r["estimate"], sign * r[name]) for r in rows if r["estimate"] is not None
+                 and isinstance(r.get(name), (int, float))]
+        if len(known) > 1 and np.ptp([e for e, _ in known]) > 0:
+            summary[f"srcc_{name}"] = float(spearmanr(*zip(*known))[0])
+    common.print0(f"images scored     {summary['images']} ({votes} scores)")
+    common.print0(f"invalid answers   {summary['invalid_rate']:.1%}; {summary['all_invalid']} images with no valid "
+                  f"score (estimate null: train_grpo.py skips them)")
+    if len(estimates):
+        common.print0(f"pseudo-estimates  mean {summary['estimate_mean']:.3f}, std across images "
+                      f"{summary['estimate_std']:.3f}; mean spread of an image's valid scores "
+                      + (f"{summary['score_spread']:.3f}" if spread else "-"))
+    for name, rule in (("level", "lower level better"), ("mos", "higher mos better")):
+        if f"srcc_{name}" in summary:
+            common.print0(f"SRCC of the estimates with {name} ({rule}): {summary[f'srcc_{name}']:.3f}")
+    common.print0(json.dumps(summary))
+    return summary
+
+
+# -----------------------------------------------------------------------------
 # diagnostics: is the base model's vote worth training on?
 
 def ground_truth(row):
@@ -306,6 +428,7 @@ def summarize(rows):
     margin = {"tie": float(np.mean(margins == 0))}
     margin |= {f"({lo},{hi}]": float(np.mean((margins > lo) & (margins <= hi))) for lo, hi in zip(edges, edges[1:])}
     summary = dict(pairs=len(rows), votes=votes, invalid_rate=invalid / votes,
+                   all_invalid=sum(r["wins_a"] + r["wins_b"] == 0 for r in rows),
                    first_shown_wins=sum(r["first_wins"] for r in rows) / max(votes - invalid, 1),
                    p_star={str(v): sum(r["p"] == v for r in rows) / len(rows) for v in (1.0, 0.5, 0.0)}, margin=margin)
     for n, name in enumerate(("level", "mos")):
@@ -314,7 +437,8 @@ def summarize(rows):
             summary[f"agree_{name}"] = dict(pairs=len(truth), agree=sum(p == t for p, t in truth) / len(truth),
                                             tie=sum(p == 0.5 for p, _ in truth) / len(truth))
     common.print0(f"pairs voted       {summary['pairs']} ({votes} votes)")
-    common.print0(f"invalid answers   {summary['invalid_rate']:.1%}")
+    common.print0(f"invalid answers   {summary['invalid_rate']:.1%}; {summary['all_invalid']} pairs with no valid vote "
+                  f"(p* = 0.5 by Eq. 1: train_grpo.py skips them, --min-valid-votes)")
     common.print0(f"first shown wins  {summary['first_shown_wins']:.1%} of valid votes (50% = no position bias)")
     common.print0("p* = 1 / 0.5 / 0  " + " / ".join(f"{v:.1%}" for v in summary["p_star"].values()))
     common.print0("vote margin |K_a - K_b| / K: " + "  ".join(f"{k} {v:.1%}" for k, v in summary["margin"].items()))
@@ -363,7 +487,8 @@ def main(argv=None):
             if not pool:
                 raise ValueError(f"{args.manifest}: no image has source {args.source!r} "
                                  f"(sources: {', '.join(sources)})")
-        pairs = draw_pairs(pool, args.mode, args.pairs, args.seed, args.group_by.split(","))
+        pairs = (draw_pairs(pool, args.mode, args.pairs, args.seed, args.group_by.split(",")) if args.task == "compare"
+                 else draw_images(pool, args.images, args.seed))  # --task score: an item is an image, (j,)
     for j in sorted({j for pair in pairs for j in pair}):  # every image exists before any vote is cast
         if not os.path.isfile(os.path.join(root, pool[j]["image"])):
             raise ValueError(f"{args.manifest}:{pool[j]['line']}: image {pool[j]['image']!r} not found "
@@ -382,15 +507,23 @@ def main(argv=None):
     batches = [list(range(s, min(s + args.batch_pairs, len(pairs)))) for s in range(0, len(pairs), args.batch_pairs)]
     todo = [b for b in batches if any(i not in done for i in b)]  # a batch reruns whole: same padding, same numbers
     mine = common.shard(todo, rank, world)
-    common.print0(f"{len(pairs)} pairs ({len(done)} already voted) x K={args.k} = {len(pairs) * args.k} queries "
-                  f"({'exact one-token' if args.no_think else 'sampled'}, 2 prefills per pair); "
-                  f"{len(todo)} of {len(batches)} batches of {args.batch_pairs} pairs left, over {world} rank(s)")
+    unit, prefills = ("pairs", "2 prefills per pair") if args.task == "compare" else ("images", "1 prefill per image")
+    common.print0(f"{len(pairs)} {unit} ({len(done)} already voted) x K={args.k} = {len(pairs) * args.k} queries "
+                  f"({'exact one-token' if args.no_think else 'sampled'}, {prefills}); "
+                  f"{len(todo)} of {len(batches)} batches of {args.batch_pairs} {unit} left, over {world} rank(s)")
     if mine:
         model, tokenizer, image_cfg = common.load_model(args.model, args.device or device, args.dtype)
         prompts = common.load_prompts(args.prompts)
-        label_ids = label_tokens(tokenizer, prompts["compare_labels"]) if args.no_think else None
+        if args.task == "compare":
+            label_ids = label_tokens(tokenizer, prompts["compare_labels"]) if args.no_think else None
+            run_batch = lambda batch: vote_batch(model, tokenizer, prompts, image_cfg, root, pool, pairs, batch, args,
+                                                 label_ids)
+        else:
+            score_ids = score_tokens(tokenizer) if args.no_think else None
+            run_batch = lambda batch: score_batch(model, tokenizer, prompts, image_cfg, root, pool, pairs, batch, args,
+                                                  score_ids)
         for batch in tqdm(mine, desc="vote", disable=rank != 0, unit="batch"):
-            rows = vote_batch(model, tokenizer, prompts, image_cfg, root, pool, pairs, batch, args, label_ids)
+            rows = run_batch(batch)
             common.append_jsonl(part, [row for row in rows if row["i"] not in done])
 
     barrier()
@@ -405,7 +538,7 @@ def main(argv=None):
         for path in part_files(args.out):
             os.remove(path)
         common.print0(f"wrote {args.out}")
-        summarize([rows[i] for i in range(len(pairs))])
+        (summarize if args.task == "compare" else summarize_scores)([rows[i] for i in range(len(pairs))])
     common.dist_exit()
 
 
