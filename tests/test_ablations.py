@@ -354,23 +354,22 @@ def test_regression_reward_trains_against_the_estimates(tmp_path, monkeypatch, c
 
 
 def test_ablation_script_writes_every_row(tmp_path):
-    """Two K of the three (the third runs the same code), to keep the suite short: a dozen processes start here."""
+    """One K of the three (the others run the same code), to keep the suite short: still ten processes start here."""
     env = dict(os.environ, DEMO_SCALE="test", ABLATION_OUT=str(tmp_path / "abl"), PYTHON=sys.executable,
-               OMP_NUM_THREADS="1", KS="1 16")
+               OMP_NUM_THREADS="1", KS="4")
     run = subprocess.run(["bash", os.path.join(ROOT, "toy", "ablation.sh")], env=env, capture_output=True, text=True,
                          timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    for name in ("base", "k1", "k16", "estimate"):
+    for name in ("base", "k4", "estimate"):
         assert os.path.isfile(tmp_path / "abl" / "eval" / name / "report.json"), name
     rows = common.read_jsonl(tmp_path / "abl" / "estimate" / "estimates.jsonl")
     assert len(rows) == 11 * 26 and all(r["k"] == 16 for r in rows)  # 11 photographs x 1 crop x (1 + 5 x 5)
-    for k in (1, 16):
-        assert {r["k"] for r in common.read_jsonl(tmp_path / "abl" / f"k{k}" / "votes.jsonl")} == {k}
+    assert {r["k"] for r in common.read_jsonl(tmp_path / "abl" / "k4" / "votes.jsonl")} == {4}
     with open(tmp_path / "abl" / "report.json") as f:
         res = json.load(f)
-    assert list(res["rows"]) == ["base", "k1", "k16", "estimate"]
-    assert "estimates" in res["rows"]["estimate"] and "votes" in res["rows"]["k16"]
-    for name in ("round 0 (base)", "EvoQuality, K = 1", "EvoQuality, K = 16", "EvoEstimate, K = 16"):
+    assert list(res["rows"]) == ["base", "k4", "estimate"]
+    assert "estimates" in res["rows"]["estimate"] and "votes" in res["rows"]["k4"]
+    for name in ("round 0 (base)", "EvoQuality, K = 4", "EvoEstimate, K = 16"):
         assert any(line.startswith(name) for line in run.stdout.splitlines()), name
     last = json.loads(run.stdout.strip().splitlines()[-1])
-    assert set(last) >= {"seconds_wall", "srcc_base", "srcc_k16", "plcc_estimate"}
+    assert set(last) >= {"seconds_wall", "srcc_base", "srcc_k4", "plcc_estimate"}
