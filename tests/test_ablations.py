@@ -14,6 +14,7 @@ from PIL import Image
 from scipy import stats
 
 import common
+import policy
 import train_grpo
 import vote
 
@@ -277,8 +278,8 @@ def test_adv_norm_none_is_the_mean_only_advantage():
 # the flags through the training loop, with rollouts that answer validly
 
 
-def digit_generate(model, fsdp_units, tok, requests, images, n=1, seed=0, **kwargs):
-    """train_grpo.generate with valid one-token scores: a seeded digit per rollout, one in five invalid."""
+def digit_generate(model, tok, requests, images, n=1, seed=0, **kwargs):
+    """policy.generate with valid one-token scores: a seeded digit per rollout, one in five invalid."""
     end = tok.convert_tokens_to_ids("<|im_end|>")
     tokens, texts = [], []
     for s in seed:
@@ -300,7 +301,7 @@ def train(tmp_path, labels, out, *extra):
 
 
 def test_variant_flags_off_change_nothing_and_on_reach_the_loop(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_grpo, "generate", digit_generate)
+    monkeypatch.setattr(policy, "generate", digit_generate)
     labels = write_votes(tmp_path, [(3, 1), (2, 2), (4, 0), (5, 3), (1, 0), (6, 2)])
     default = train(tmp_path, labels, "default")
     assert default == train(tmp_path, labels, "off", "--adv-norm", "std", "--label", "hard", "--min-margin", "0")
@@ -322,7 +323,7 @@ def test_variant_flags_off_change_nothing_and_on_reach_the_loop(tmp_path, monkey
 
 
 def test_regression_reward_trains_against_the_estimates(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train_grpo, "generate", digit_generate)
+    monkeypatch.setattr(policy, "generate", digit_generate)
     rng = np.random.default_rng(1)
     rows = []
     for j in range(6):
