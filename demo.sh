@@ -29,7 +29,7 @@ PROMPTS=toy/prompts.json
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 if [ "${DEMO_SCALE:-full}" = test ]; then  # the plumbing only, in seconds
-    CROPS=1 WARM=(--steps 4 --clean-steps 2 --groups 2 --pairs 4)
+    CROPS=1 WARM=(--steps 40 --clean-steps 20 --groups 2 --pairs 4 --lr 3e-3)
     VOTE_K=4 VOTE_PAIRS=60 HELD_PAIRS=20 GRPO=(--k 2 --max-steps 2) SAMPLES=2
 else
     CROPS=12 WARM=(--steps 1000 --clean-steps 700 --lr 2e-3)
