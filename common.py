@@ -441,7 +441,8 @@ def batch_inputs(model, requests, images, image_embeds=None, pad_id=0):
 
 
 # -----------------------------------------------------------------------------
-# the sampler: batched prefill, one prefill shared by the n samples of a prompt, KV-cached decode
+# the sampler: batched prefill, one prefill and one copy of its KV cache shared by the n samples of a prompt,
+# KV-cached decode
 
 def stop_ids(tokenizer):
     return sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} |
@@ -502,6 +503,102 @@ class DecodeLayer(DynamicLayer):
         return self.keys, self.values
 
 
+class PrefixCache:
+    """
+    The KV cache of a shared-prefix decode: each request's prompt keys/values once, as prefill left them
+    ([requests, kv_heads, L, head_dim] per layer, never copied), and each row's own generated tokens in a buffer
+    preallocated for `room` tokens and written in place ([rows, kv_heads, room, head_dim]).
+    """
+
+    def __init__(self, cache, mask, counts, room):
+        self.prompt = [(layer.keys, layer.values) for layer in cache.layers]
+        k = self.prompt[0][0]
+        B, H, L, D = k.shape
+        # the prompt part runs all rows of a request at once, padded to the largest n: row r sits at slot[r]
+        self.n = max(counts)
+        self.slot = torch.tensor([b * self.n + j for b, c in enumerate(counts) for j in range(c)], device=k.device)
+        pad = torch.zeros(B, 1, L, dtype=k.dtype, device=k.device).masked_fill(mask[:, None] == 0, -float("inf"))
+        self.pad = pad.repeat_interleave(H, dim=0)  # [B * H, 1, L]: the left padding, for every head and query
+        R = sum(counts)
+        self.rows = [(k.new_empty(R, H, room, D), v.new_empty(R, H, room, D)) for k, v in self.prompt]
+
+    def nbytes(self):
+        return sum(x.nbytes for kv in self.prompt + self.rows for x in kv)
+
+
+def attention_part(scores, v):
+    """Softmax attention over one part of the keys: (softmax(scores) @ v, logsumexp(scores)). The scores come in the
+    model's dtype and the softmax runs in fp32 at least, as in transformers' eager attention."""
+    s = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    lse = s.logsumexp(-1, keepdim=True)
+    return torch.bmm((s - lse).exp().to(v.dtype), v).to(s.dtype), lse
+
+
+def shared_prefix_attention(cache, i, q, k, v, t, scaling):
+    """
+    Layer i's exact softmax attention of each row over [its request's prompt ; its own tokens 0..t], the two parts
+    computed apart and merged by their log-sum-exp (FlashAttention's split-KV merge, cascade / Hydragen attention).
+    q [R, kv_heads, G, D] (the G query heads of each kv head), k, v [R, kv_heads, D]: the row's token t, which goes
+    into its buffer first. Returns [R, kv_heads, G, D] in fp32 at least.
+    """
+    (pk, pv), (rk, rv) = cache.prompt[i], cache.rows[i]
+    B, H, L, D = pk.shape
+    R, _, G, _ = q.shape
+    N = cache.n
+    rk[:, :, t], rv[:, :, t] = k, v
+    # the prompt part: a request's rows and query heads are the queries of one matmul against ONE copy of its keys
+    qp = q.new_zeros(B * N, H, G, D)
+    qp[cache.slot] = q
+    qp = qp.view(B, N, H, G, D).transpose(1, 2).reshape(B * H, N * G, D)
+    scores = torch.baddbmm(cache.pad, qp, pk.view(B * H, L, D).transpose(1, 2), alpha=scaling)
+    o1, lse1 = (x.view(B, H, N, G, -1).transpose(1, 2).reshape(B * N, H, G, -1)[cache.slot]
+                for x in attention_part(scores, pv.view(B * H, L, D)))
+    # the rows' own part
+    rk, rv = rk[:, :, :t + 1].reshape(R * H, t + 1, D), rv[:, :, :t + 1].reshape(R * H, t + 1, D)
+    scores = torch.bmm(q.reshape(R * H, G, D), rk.transpose(1, 2)) * scaling
+    o2, lse2 = (x.view(R, H, G, -1) for x in attention_part(scores, rv))
+    lse = torch.logaddexp(lse1, lse2)
+    return o1 * (lse1 - lse).exp() + o2 * (lse2 - lse).exp()
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def decode_step(model, cache, tok, pos, t):
+    """
+    One token per row (its t-th generated token, at position pos) through the language model's own modules, called
+    as modules (so FSDP's unsharded and any wrapped linears are the ones used): embed, per layer RMSNorm, q/k/v,
+    rotary, attention over the PrefixCache, o_proj, residual, RMSNorm, MLP, residual; final norm, lm_head.
+    Returns the rows' next-token logits [R, vocab] in fp32.
+    """
+    lm = model.model.language_model
+    x = model.model.get_input_embeddings()(tok)  # [R, hidden]
+    R = x.shape[0]
+    # the model's rotary module at (pos, pos, pos): in decode the three M-RoPE axes are equal, so every section
+    # rotates by the same position and this is plain rotary over the whole head_dim
+    cos, sin = lm.rotary_emb(x, pos.view(1, R, 1).expand(3, R, 1))  # [R, 1, head_dim]
+    for i, layer in enumerate(lm.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q, k, v = (proj(h).view(R, -1, attn.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        o = shared_prefix_attention(cache, i, q.view(R, k.shape[1], -1, attn.head_dim), k, v, t, attn.scaling)
+        x = x + attn.o_proj(o.to(x.dtype).reshape(R, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.lm_head(lm.norm(x)).float()
+
+
+def check_shared_prefix(model):
+    """decode_step implements full causal attention with rotary positions only: refuse what it does not."""
+    tc = model.config.text_config
+    if any(t != "full_attention" for t in getattr(tc, "layer_types", None) or ["full_attention"]) or \
+            any(layer.self_attn.sliding_window is not None for layer in model.model.language_model.layers):
+        raise ValueError("sample(shared_prefix=True): the model uses sliding-window attention, which the shared-prefix "
+                         "decode step does not implement; pass shared_prefix=False")
+
+
 @torch.no_grad()
 def prefill(model, requests, images, pad_id=0):
     """One forward over the left-padded prompts: (last-position logits [B, V], cache, mask, next positions)."""
@@ -514,21 +611,30 @@ def prefill(model, requests, images, pad_id=0):
 
 @torch.no_grad()
 def sample(model, tokenizer, requests, images, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0,
-           seed=0):
+           seed=0, shared_prefix=True):
     """
     Complete each request (ids, image_keys) n times; `images` maps a key to (pixel_values, grid).
     n is an int or one count per request. `seed` is one int for the whole call, or one per request, which
-    makes a request's samples independent of what else is in the batch (resume, sharding across ranks). The prompt, images included, is encoded once per request and its
-    KV cache copied to its n rows. Rows come out request by request. Returns dict(tokens: generated ids per
-    row up to and including the stop token, texts, stopped: whether each row ended with a stop token,
-    num_tokens: total generated tokens).
+    makes a request's samples independent of what else is in the batch (resume, sharding across ranks). The prompt,
+    images included, is encoded once per request, and its KV cache is kept once and shared by its n rows
+    (decode_step); shared_prefix=False copies it to each of the n rows and decodes through the model's forward (the
+    old path, kept as the oracle). Rows come out request by request. Returns dict(tokens: generated ids per row up
+    to and including the stop token, texts, stopped: whether each row ended with a stop token, num_tokens: total
+    generated tokens, kv_bytes: the bytes the KV cache holds while decoding).
     """
     device = model.device
     counts = torch.as_tensor([n] * len(requests) if isinstance(n, int) else list(n), dtype=torch.long)
+    if shared_prefix:
+        check_shared_prefix(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids(tokenizer)[0]
     logits, cache, mask, next_pos = prefill(model, requests, images, pad_id=pad)
     rows = torch.repeat_interleave(torch.arange(len(requests)), counts).to(device)
-    cache = Cache(layers=[DecodeLayer(layer, rows, max_new_tokens) for layer in cache.layers])
+    if shared_prefix:  # room for every token fed back: all but the last
+        cache = PrefixCache(cache, mask, counts.tolist(), max(max_new_tokens - 1, 0))
+        kv_bytes = cache.nbytes()
+    else:
+        cache = Cache(layers=[DecodeLayer(layer, rows, max_new_tokens) for layer in cache.layers])
+        kv_bytes = sum(layer.k.nbytes + layer.v.nbytes for layer in cache.layers)
     logits, mask, next_pos = logits[rows], mask[rows], next_pos[rows]
     R, L = mask.shape
     seeds = [seed] if isinstance(seed, int) else list(seed)
@@ -549,10 +655,13 @@ def sample(model, tokenizer, requests, images, n=1, max_new_tokens=256, temperat
         steps = t + 1
         if t + 1 == max_new_tokens or bool(done.all()):  # the one sync per token: has every row stopped?
             break
-        pos = (next_pos + t).view(1, R, 1).expand(3, R, 1)
-        x = model.model.get_input_embeddings()(tok[:, None])
-        logits = model(inputs_embeds=x, attention_mask=mask[:, :L + t + 1], position_ids=pos, cache=cache,
-                       use_cache=True).logits[:, -1].float()
+        if shared_prefix:
+            logits = decode_step(model, cache, tok, next_pos + t, t)
+        else:
+            pos = (next_pos + t).view(1, R, 1).expand(3, R, 1)
+            x = model.model.get_input_embeddings()(tok[:, None])
+            logits = model(inputs_embeds=x, attention_mask=mask[:, :L + t + 1], position_ids=pos, cache=cache,
+                           use_cache=True).logits[:, -1].float()
     out = out[:, :steps].tolist()
     stop_set = set(stop_ids(tokenizer))
     tokens, stopped = [], []
@@ -561,7 +670,8 @@ def sample(model, tokenizer, requests, images, n=1, max_new_tokens=256, temperat
         tokens.append(row if end is None else row[:end + 1])
         stopped.append(end is not None)
     texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-    return dict(tokens=tokens, texts=texts, stopped=stopped, num_tokens=sum(len(t) for t in tokens))
+    return dict(tokens=tokens, texts=texts, stopped=stopped, num_tokens=sum(len(t) for t in tokens),
+                kv_bytes=kv_bytes)
 
 
 # -----------------------------------------------------------------------------

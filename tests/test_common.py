@@ -1,4 +1,5 @@
 import argparse
+import copy
 import io
 import json
 import os
@@ -405,6 +406,113 @@ def test_stops_at_end_token_and_max_new_tokens(tiny, batch):
     finally:
         model.lm_head._forward_hooks.clear()
     assert out["tokens"] == [[im_end]] * 6 and all(out["stopped"]) and out["texts"] == [""] * 6
+
+
+# -----------------------------------------------------------------------------
+# the shared-prefix decode (one copy of a prompt's KV cache for its n rows) against the old path (shared_prefix=False:
+# the prompt copied to each row, decoded through the model's own forward)
+
+def logged_sample(model, *a, **kw):
+    """sample's result and the logits each of its tokens was drawn from."""
+    seen, real = [], common.next_token
+    common.next_token = lambda logits, *b: seen.append(logits.clone()) or real(logits, *b)
+    try:
+        return common.sample(model, *a, **kw), seen
+    finally:
+        common.next_token = real
+
+
+def wide_model(tok):
+    """Qwen2.5-VL-7B's attention layout (28 query heads in 4 kv heads of 7, head_dim 128, rope theta 1e6, M-RoPE
+    sections 16/24/24) at 2 layers, with a narrow MLP and vision tower and the tiny tokenizer's vocabulary."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = {t: tok.convert_tokens_to_ids(t) for t in common.SPECIAL_TOKENS}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=28 * 128, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6, max_position_embeddings=4096,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24]),
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"], initializer_range=0.02),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=28 * 128,
+                           window_size=112, fullatt_block_indexes=[0], initializer_range=0.3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False, initializer_range=0.02)
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    return model.eval()
+
+
+@pytest.mark.parametrize("shape", ["tiny", "wide"])
+def test_shared_prefix_logits_equal_old_path(tiny, batch, shape):
+    """The first 8 decode steps' logits (and the prefill's) of every row, in float64 where 1e-5 is far above rounding
+    (in fp32 the two paths differ by up to 2e-5 on the tiny model's logits of ~10, each ~1e-4 from float64): three
+    left-padded prompts, images of three sizes, n = 1, 3, 16 rows, sampled so that a request's rows differ."""
+    model, tok, _ = tiny
+    model = (copy.deepcopy(model) if shape == "tiny" else wide_model(tok)).double()
+    images, requests = batch
+    images = {k: (pixels.double(), grid) for k, (pixels, grid) in images.items()}
+    assert len({len(ids) for ids, _ in requests}) == 3  # left padding on two of them
+    kw = dict(n=[1, 3, 16], max_new_tokens=9, temperature=1.0, seed=[1, 2, 3])
+    new, seen_new = logged_sample(model, tok, requests, images, **kw)
+    old, seen_old = logged_sample(model, tok, requests, images, shared_prefix=False, **kw)
+    assert new["tokens"] == old["tokens"] and len(seen_new) == len(seen_old) == 9
+    assert len(set(map(tuple, new["tokens"][4:]))) > 1  # the 16 rows of one request went different ways
+    worst = max((a - b).abs().max().item() for a, b in zip(seen_new, seen_old))
+    print(f"{shape}: largest logit difference over 9 steps x 20 rows {worst:.2e}")
+    assert worst <= 1e-5
+
+
+def test_shared_prefix_samples_equal_old_path(tiny, batch):
+    """fp32, top-p / top-k, per-request seeds: the same probabilities to ~1e-6 and the same tokens."""
+    model, tok, _ = tiny
+    images, requests = batch
+    kw = dict(n=[2, 3, 1], max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=[4, 5, 6])
+    new, seen_new = logged_sample(model, tok, requests, images, **kw)
+    old, seen_old = logged_sample(model, tok, requests, images, shared_prefix=False, **kw)
+    assert new["tokens"] == old["tokens"] and new["texts"] == old["texts"] and new["stopped"] == old["stopped"]
+    for a, b in zip(seen_new, seen_old):
+        torch.testing.assert_close(common.token_probs(a, 1.0, 0.9, 50), common.token_probs(b, 1.0, 0.9, 50),
+                                   atol=2e-6, rtol=0)
+
+
+def test_shared_prefix_greedy_equals_old_path_with_an_empty_request(tiny, batch):
+    model, tok, _ = tiny
+    images, requests = batch
+    kw = dict(n=[2, 0, 3], max_new_tokens=20, temperature=0)
+    new = common.sample(model, tok, requests, images, **kw)
+    assert new["tokens"] == common.sample(model, tok, requests, images, shared_prefix=False, **kw)["tokens"]
+    assert len(new["tokens"]) == 5
+
+
+def test_kv_cache_holds_the_prompt_once(tiny, batch):
+    """n rows of one prompt: prompt + n x room (room: every token fed back, all but the last), where the old path
+    holds n x (prompt + room)."""
+    model, tok, _ = tiny
+    images, requests = batch
+    tc = model.config.text_config
+    per_token = 2 * tc.num_hidden_layers * tc.num_key_value_heads * (tc.hidden_size // tc.num_attention_heads) * 4
+    (ids, keys), M = requests[0], 9
+    for n in (1, 4, 16):
+        kw = dict(n=n, max_new_tokens=M, temperature=0)
+        new = common.sample(model, tok, [(ids, keys)], images, **kw)["kv_bytes"]
+        old = common.sample(model, tok, [(ids, keys)], images, shared_prefix=False, **kw)["kv_bytes"]
+        assert new == per_token * (len(ids) + n * (M - 1)) and old == per_token * n * (len(ids) + M)
+
+
+def test_shared_prefix_refuses_sliding_window(tiny, batch):
+    model, tok, _ = tiny
+    images, requests = batch
+    attn = model.model.language_model.layers[1].self_attn
+    attn.sliding_window = 16
+    try:
+        with pytest.raises(ValueError, match="sliding-window attention.*shared_prefix=False"):
+            common.sample(model, tok, requests, images, max_new_tokens=2)
+    finally:
+        attn.sliding_window = None
 
 
 # -----------------------------------------------------------------------------
