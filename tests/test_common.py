@@ -449,7 +449,7 @@ def wide_model(tok):
 @pytest.mark.parametrize("shape", ["tiny", "wide"])
 def test_shared_prefix_logits_equal_old_path(tiny, batch, shape):
     """The first 8 decode steps' logits (and the prefill's) of every row, in float64 where 1e-5 is far above rounding
-    (in fp32 the two paths differ by up to 2e-5 on the tiny model's logits of ~10, each ~1e-4 from float64): three
+    (in fp32 they differ by up to 4e-5 on the tiny model's logits of ~10, each path ~1e-4 from float64): three
     left-padded prompts, images of three sizes, n = 1, 3, 16 rows, sampled so that a request's rows differ."""
     model, tok, _ = tiny
     model = (copy.deepcopy(model) if shape == "tiny" else wide_model(tok)).double()
