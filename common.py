@@ -507,7 +507,8 @@ class PrefixCache:
     """
     The KV cache of a shared-prefix decode: each request's prompt keys/values once, as prefill left them
     ([requests, kv_heads, L, head_dim] per layer, never copied), and each row's own generated tokens in a buffer
-    preallocated for `room` tokens and written in place ([rows, kv_heads, room, head_dim]).
+    preallocated for `room` tokens and written in place ([rows * kv_heads, room, head_dim]: a step's tokens 0..t are
+    then a view that the attention's batched matmul reads in place, not a copy).
     """
 
     def __init__(self, cache, mask, counts, room):
@@ -520,7 +521,7 @@ class PrefixCache:
         pad = torch.zeros(B, 1, L, dtype=k.dtype, device=k.device).masked_fill(mask[:, None] == 0, -float("inf"))
         self.pad = pad.repeat_interleave(H, dim=0)  # [B * H, 1, L]: the left padding, for every head and query
         R = sum(counts)
-        self.rows = [(k.new_empty(R, H, room, D), v.new_empty(R, H, room, D)) for k, v in self.prompt]
+        self.rows = [(k.new_empty(R * H, room, D), v.new_empty(R * H, room, D)) for k, v in self.prompt]
 
     def nbytes(self):
         return sum(x.nbytes for kv in self.prompt + self.rows for x in kv)
@@ -545,7 +546,7 @@ def shared_prefix_attention(cache, i, q, k, v, t, scaling):
     B, H, L, D = pk.shape
     R, _, G, _ = q.shape
     N = cache.n
-    rk[:, :, t], rv[:, :, t] = k, v
+    rk[:, t], rv[:, t] = k.reshape(R * H, D), v.reshape(R * H, D)
     # the prompt part: a request's rows and query heads are the queries of one matmul against ONE copy of its keys
     qp = q.new_zeros(B * N, H, G, D)
     qp[cache.slot] = q
@@ -554,9 +555,8 @@ def shared_prefix_attention(cache, i, q, k, v, t, scaling):
     o1, lse1 = (x.view(B, H, N, G, -1).transpose(1, 2).reshape(B * N, H, G, -1)[cache.slot]
                 for x in attention_part(scores, pv.view(B * H, L, D)))
     # the rows' own part
-    rk, rv = rk[:, :, :t + 1].reshape(R * H, t + 1, D), rv[:, :, :t + 1].reshape(R * H, t + 1, D)
-    scores = torch.bmm(q.reshape(R * H, G, D), rk.transpose(1, 2)) * scaling
-    o2, lse2 = (x.view(R, H, G, -1) for x in attention_part(scores, rv))
+    scores = torch.bmm(q.reshape(R * H, G, D), rk[:, :t + 1].transpose(1, 2)) * scaling
+    o2, lse2 = (x.view(R, H, G, -1) for x in attention_part(scores, rv[:, :t + 1]))
     lse = torch.logaddexp(lse1, lse2)
     return o1 * (lse1 - lse).exp() + o2 * (lse2 - lse).exp()
 
