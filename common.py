@@ -469,6 +469,9 @@ def token_probs(logits, temperature, top_p=1.0, top_k=0):
 def next_token(logits, temperature, top_p, top_k, generators, counts):
     """Greedy at temperature 0, else a draw from token_probs. generators[i] draws for the next counts[i] rows, so
     a request's samples depend on its own seed only."""
+    if not logits.isfinite().all():  # weights that diverged in training, or overflow: argmax and multinomial would
+        # return garbage or fail deep inside torch without naming the cause
+        raise FloatingPointError("the model's next-token logits hold NaN or inf (diverged or overflowing weights)")
     if temperature == 0:
         return logits.argmax(-1)
     probs = token_probs(logits, temperature, top_p, top_k)

@@ -653,9 +653,13 @@ def main(argv=None):
 
         # --- sample: K rollouts of c_score per image, seeded per (step, image) so batching never changes them
         requests = [(common.encode_prompt(tok, prompts, "score", [images[x][1]], think), [x]) for x in keys]
-        out = policy.generate(model, tok, requests, images, n=args.k, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              seed=[common.stable_seed(args.seed, step, names[x]) for x in keys])
+        try:
+            out = policy.generate(model, tok, requests, images, n=args.k, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                  seed=[common.stable_seed(args.seed, step, names[x]) for x in keys])
+        except FloatingPointError as e:  # the last step's update left finite weights whose logits overflow
+            raise FloatingPointError(f"step {step + 1}, rollouts: {e}; the newest step_<N> in {args.out} is the last "
+                                     f"good one. Try a lower --lr or --grad-clip") from None
         texts = {x: out["texts"][i * args.k:(i + 1) * args.k] for i, x in enumerate(keys)}
 
         # --- score + reward (Eq. 2-3; --reward regression: Q-Insight's score reward against the pseudo-estimates)

@@ -316,6 +316,21 @@ def test_greedy_matches_transformers_generate(tiny, batch):
         assert ours == ref
 
 
+def test_overflowing_logits_stop_the_sampler_with_a_named_cause(tiny, batch):
+    """Finite weights that diverged (load_model refuses only NaN / inf ones): inf logits, which argmax would read
+    as token 0 and multinomial refuse deep inside torch."""
+    import copy
+    model, tok, _ = tiny
+    images, requests = batch
+    big = copy.deepcopy(model)
+    with torch.no_grad():
+        big.lm_head.weight.mul_(1e38)
+    for shared, temperature in ((True, 0), (True, 1.0), (False, 1.0)):
+        with pytest.raises(FloatingPointError, match="next-token logits hold NaN or inf"):
+            common.sample(big, tok, requests, images, n=2, max_new_tokens=3, temperature=temperature,
+                          shared_prefix=shared)
+
+
 def test_cached_decode_logits_equal_full_forward(tiny, batch, monkeypatch):
     """Every step's logits, from the padded, cached batch, against a fresh no-cache forward (fp32, 1e-4)."""
     model, tok, _ = tiny

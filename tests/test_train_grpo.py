@@ -394,20 +394,32 @@ def test_bad_flags_are_refused_before_any_work(tmp_path, flags, message, capsys)
     assert re.search(message, capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("what", ["loss", "grad_norm"])
+@pytest.mark.parametrize("what", ["loss", "grad_norm", "logits"])
 def test_a_non_finite_loss_or_gradient_stops_the_run_before_it_is_saved(tmp_path, monkeypatch, what):
     labels = write_labels(tmp_path)
     calls = []
+    if what == "logits":  # the first step left finite weights whose logits overflow: the second step's rollouts
+        real = policy.generate
+
+        def overflow(model, *a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                with torch.no_grad():
+                    model.lm_head.weight.mul_(1e38)
+            return real(model, *a, **k)
+        monkeypatch.setattr(policy, "generate", overflow)
+        message = "step 2, rollouts: the model's next-token logits hold NaN or inf"
+    else:
+        message = f"step 2: {what} (nan|inf) is not finite; stopped before the optimizer step"
     if what == "loss":  # the second step's loss is NaN
         real = train_grpo.grpo_loss
         monkeypatch.setattr(train_grpo, "grpo_loss", lambda *a: calls.append(1) or (
             real(*a) if len(calls) == 1 else (torch.tensor(float("nan")),) + real(*a)[1:]))
-    else:  # the second step's gradient norm is inf
+    elif what == "grad_norm":  # the second step's gradient norm is inf
         real = torch.nn.utils.clip_grad_norm_
         monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: calls.append(1) or (
             real(*a, **k) if len(calls) == 1 else torch.tensor(float("inf"))))
-    with pytest.raises(FloatingPointError, match=f"step 2: {what} (nan|inf) is not finite; stopped before the "
-                                                 "optimizer step"):
+    with pytest.raises(FloatingPointError, match=message):
         train_grpo.main(["--labels", str(labels), "--out", str(tmp_path / "run"), "--k", "2", "--max-new-tokens", "2",
                          "--batch-pairs", "1", "--save-every", "1", "--micro-batch", "4", "--lr", "1e-3"])
     assert sorted(os.listdir(tmp_path / "run")) == ["metrics.jsonl", "step_1"]  # step 1 saved, nothing after it
