@@ -50,25 +50,67 @@ PROMPTS = {
 SYSTEM_PROMPT = "You are a helpful assistant."  # Qwen2.5-VL's chat template default
 
 
-def load_prompts(path=None):
-    """The paper's prompts, with any of the keys of PROMPTS overridden by the JSON file `path` (--prompts)."""
+PROMPTS_FILE = "prompts.json"  # in a checkpoint directory: how the model was asked in training (save_prompts)
+
+
+def read_prompts(path=None):
+    """
+    (prompts, think) from the JSON file `path` (--prompts): the paper's prompts with any of the keys of PROMPTS
+    overridden, and the file's "think" (true / false: the reasoning suffix on or off), None when it has none.
+    """
     prompts = dict(PROMPTS)
     if path is None:
-        return prompts
+        return prompts, None
     try:
         with open(path) as f:
             override = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read prompts JSON: {e}") from e
-    unknown = set(override) - set(PROMPTS)
+    if not isinstance(override, dict):
+        raise ValueError(f"{path}: expected a JSON object of prompts, got {type(override).__name__}")
+    unknown = set(override) - set(PROMPTS) - {"think"}
     if unknown:
-        raise ValueError(f"{path}: unknown prompt keys {sorted(unknown)}; expected some of {sorted(PROMPTS)}")
+        raise ValueError(f"{path}: unknown prompt keys {sorted(unknown)}; expected some of {sorted(PROMPTS) + ['think']}")
     labels = override.get("compare_labels", prompts["compare_labels"])
     if not (isinstance(labels, list) and len(labels) == 2 and all(isinstance(s, str) and s for s in labels)
             and labels[0] != labels[1]):
         raise ValueError(f"{path}: compare_labels must be two different non-empty strings, got {labels!r}")
+    think = override.pop("think", None)
+    if think is not None and not isinstance(think, bool):
+        raise ValueError(f"{path}: think must be true or false, got {think!r}")
     prompts.update(override)
-    return prompts
+    return prompts, think
+
+
+def load_prompts(path=None):
+    """The paper's prompts, with any of the keys of PROMPTS overridden by the JSON file `path` (--prompts)."""
+    return read_prompts(path)[0]
+
+
+def save_prompts(out_dir, prompts, think):
+    """
+    <out_dir>/prompts.json: every prompt a checkpoint was trained with and whether the reasoning suffix was on
+    ("think"), a file --prompts reads, so that each stage given the checkpoint asks it as it was taught.
+    """
+    write_atomic(os.path.join(out_dir, PROMPTS_FILE), json.dumps(dict(prompts, think=think), indent=1) + "\n")
+
+
+def resolve_prompts(model, path=None, think=None):
+    """
+    (prompts, think, source) for a stage that asks `model`: --prompts `path` and --think / --no-think `think` win;
+    then the checkpoint's own prompts.json (a `model` directory written by train_grpo.py or toy/prepare.py);
+    else the paper's Table 1 with the reasoning suffix. `source` says which, in a line for the stage to print.
+    """
+    saved = os.path.join(model, PROMPTS_FILE) if model != "tiny" and os.path.isdir(model) else None
+    files = ([(path, f"{path} (--prompts)")] if path else []) + \
+            ([(saved, f"{saved} (the checkpoint's)")] if saved and os.path.isfile(saved) else [])
+    asked = [(read_prompts(f), name) for f, name in files]  # [((prompts, think or None), where)]
+    prompts, where = (asked[0][0][0], asked[0][1]) if asked else (dict(PROMPTS), "the paper's Table 1")
+    if think is not None:
+        think_from = "--think" if think else "--no-think"
+    else:  # the first file that says, else the paper
+        think, think_from = next(((t, name) for (_, t), name in asked if t is not None), (True, "the paper's default"))
+    return prompts, think, f"prompts: {where}; reasoning suffix {'on' if think else 'off'} ({think_from})"
 
 
 def prompt_text(prompts, task, think=True):
@@ -849,3 +891,21 @@ def print0(*args, **kwargs):
 def shard(items, rank, world):
     """This rank's share of `items`: every world-th item, so shares differ in size by at most one."""
     return items[rank::world]
+
+
+def run_main(main):
+    """
+    A script's entry point: bad input ends in one line (the ValueError our code raises naming the file and line, a
+    missing or unreadable file), not a traceback. An error raised inside a library keeps its traceback: a bug to debug.
+    """
+    try:
+        main()
+    except (ValueError, OSError) as e:
+        tb = e.__traceback__
+        while tb.tb_next:
+            tb = tb.tb_next
+        root = os.path.dirname(os.path.abspath(__file__))  # our scripts: the stages, common.py, toy/
+        if os.path.dirname(os.path.abspath(tb.tb_frame.f_code.co_filename)) not in (root, os.path.join(root, "toy")):
+            raise
+        where = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else e
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {where}")

@@ -2,8 +2,10 @@
 # The CPU demo, nanoGPT's Shakespeare-on-a-laptop for EvoQuality: a tiny Qwen2.5-VL-shaped model teaches itself to
 # score image quality from its own votes, on photographs that ship with scikit-image. No GPU, no downloads.
 #
-#   bash demo.sh                                  # the full demo, under eight minutes on 2 CPU cores
-#   DEMO_SCALE=test DEMO_OUT=/tmp/d bash demo.sh  # seconds: every file and the table, figures meaningless
+#   bash demo.sh                                  # the full demo in runs/demo: ~8 minutes on 2 quiet CPU cores
+#   DEMO_SCALE=test bash demo.sh                  # ~1 minute, in runs/demo-test: every file and the table, figures
+#                                                 # meaningless
+#   DEMO_OUT=/tmp/d bash demo.sh                  # another folder
 #   PYTHON=/path/to/python bash demo.sh           # another interpreter (default: python)
 #
 # 1. toy/prepare.py  the toy world (crops x 5 distortion types x 5 levels, split by photograph) and the base
@@ -16,28 +18,66 @@
 # 3. round 2         the round-1 model votes again, and trains again from itself
 # 4. each model      evaluate.py on the held-out photographs (SRCC / PLCC against mos = 5 - level), and vote.py on
 #                    held-out pairs (is the voter still a voter after score training?)
-# 5. toy/report.py   the table; runs/demo/report.md
+# 5. toy/report.py   the table (runs/demo/report.md) and the picture (runs/demo/sheet.png, toy/sheet.py)
 #
-# A finished step is skipped on a rerun (delete its output to redo it); the seconds of each go to timings.tsv.
+# A finished step is skipped on a rerun (delete its output to redo it); the seconds of each go to timings.tsv, the
+# wall time of each run that did some work to wall.tsv, everything the main line prints to demo.log. A folder keeps
+# the scale and flags it was made with (settings.txt), and a run with others refuses to touch it.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
-OUT=${DEMO_OUT:-runs/demo}
+SCALE=${DEMO_SCALE:-full}
 PROMPTS=toy/prompts.json
 # one thread: the tiny model's ops are too small to split, and on a busy machine OpenMP threads that spin while
 # waiting for each other made the vision tower 50x slower (4 s vs 0.08 s for 128 images)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-if [ "${DEMO_SCALE:-full}" = test ]; then  # the plumbing only, in seconds
+if [ "$SCALE" = test ]; then  # the plumbing only; a warm-up just long enough for valid answers
+    OUT=${DEMO_OUT:-runs/demo-test}
     CROPS=1 WARM=(--steps 40 --clean-steps 20 --groups 2 --pairs 4 --lr 3e-3)
     VOTE_K=4 VOTE_PAIRS=60 HELD_PAIRS=20 GRPO=(--k 2 --max-steps 2) SAMPLES=2
-else
+elif [ "$SCALE" = full ]; then
+    OUT=${DEMO_OUT:-runs/demo}
     CROPS=12 WARM=(--steps 1000 --clean-steps 700 --lr 2e-3)
     VOTE_K=16 VOTE_PAIRS=all HELD_PAIRS=1000 GRPO=(--k 8 --epochs 4 --max-steps 600) SAMPLES=16
+else
+    echo "demo.sh: DEMO_SCALE must be full or test, got '$SCALE'" >&2
+    exit 2
 fi
-# every stage: the toy prompts (A / B compare labels, a whole-number score), no reasoning suffix, one-token answers
+# every stage: the toy prompts (A / B compare labels, a whole-number score), no reasoning suffix, one-token answers.
+# The checkpoints carry them too (prompts.json): here they are spelled out, for a reader to see how the toy asks.
 COMMON=(--prompts "$PROMPTS" --no-think)
+
+# one folder, one set of settings: a rerun with others would mix two runs' files and print a table of neither
+SETTINGS="scale=$SCALE
+prepare: --crops $CROPS ${WARM[*]}
+vote: --k $VOTE_K --pairs $VOTE_PAIRS (held-out: $HELD_PAIRS)
+grpo: ${GRPO[*]}
+evaluate: --samples $SAMPLES
+every stage: ${COMMON[*]}"
+AGAIN="rm -rf $OUT && ${DEMO_SCALE:+DEMO_SCALE=$DEMO_SCALE }${DEMO_OUT:+DEMO_OUT=$DEMO_OUT }bash demo.sh"
+if [ -f "$OUT/settings.txt" ]; then
+    if [ "$(cat "$OUT/settings.txt")" != "$SETTINGS" ]; then
+        {
+            echo "demo.sh: $OUT was made with other settings ($OUT/settings.txt); it has"
+            grep -vxF -f <(printf '%s\n' "$SETTINGS") "$OUT/settings.txt" | sed 's/^/    /' || true
+            echo "  where this run has"
+            grep -vxF -f "$OUT/settings.txt" <(printf '%s\n' "$SETTINGS") | sed 's/^/    /' || true
+            echo "To start over: $AGAIN; or keep it and give this run another folder: DEMO_OUT=DIR"
+        } >&2
+        exit 1
+    fi
+elif [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
+    echo "demo.sh: $OUT holds files but no settings.txt (made by an older demo.sh?), so its scale is unknown." \
+         "To start over: $AGAIN; or give this run another folder: DEMO_OUT=DIR" >&2
+    exit 1
+fi
 mkdir -p "$OUT"
+[ -f "$OUT/settings.txt" ] || printf '%s\n' "$SETTINGS" > "$OUT/settings.txt"
+touch "$OUT/timings.tsv" "$OUT/wall.tsv"
+# the main line to the terminal and to demo.log (the side line has side.log)
+exec > >(tee -a "$OUT/demo.log") 2> >(tee -a "$OUT/demo.log" >&2)
+echo "== demo.sh, DEMO_SCALE=$SCALE, in $OUT, $(date '+%Y-%m-%d %H:%M:%S')"
 
 step() {  # step NAME DONE_PATH COMMAND...: run COMMAND unless DONE_PATH exists, and log its seconds
     local name=$1 done=$2 t0
@@ -85,7 +125,9 @@ PY
 }
 
 T0=$EPOCHREALTIME
-step prepare "$OUT/base" $PY toy/prepare.py --out "$OUT" --crops $CROPS --prompts "$PROMPTS" "${WARM[@]}"
+STEPS0=$(wc -l < "$OUT/timings.tsv")
+# base.json is what toy/prepare.py writes last
+step prepare "$OUT/base.json" $PY toy/prepare.py --out "$OUT" --crops $CROPS --prompts "$PROMPTS" "${WARM[@]}"
 step "round 1 votes" "$OUT/round1/votes.jsonl" vote "$OUT/base" "$OUT/pool/train/manifest.jsonl" \
     "$OUT/round1/votes.jsonl" $VOTE_PAIRS --save-text
 
@@ -111,4 +153,7 @@ step "eval round 2" "$OUT/eval/round2/compare.jsonl" evaluate round2 "$OUT/round
 echo "== waiting for eval base, control"
 wait $SIDE || { tail -n 20 "$OUT/side.log"; echo "demo.sh: eval base / control failed, see $OUT/side.log" >&2; exit 1; }
 grep '^== ' "$OUT/side.log"
-$PY toy/report.py --out "$OUT" --wall "$(awk -v t0="$T0" -v t1="$EPOCHREALTIME" 'BEGIN { printf "%.1f", t1 - t0 }')"
+if [ "$(wc -l < "$OUT/timings.tsv")" -gt "$STEPS0" ]; then  # this run did some work: its time counts
+    awk -v t0="$T0" -v t1="$EPOCHREALTIME" 'BEGIN { printf "%.1f\n", t1 - t0 }' >> "$OUT/wall.tsv"
+fi
+$PY toy/report.py --out "$OUT" --wall "$(awk '{ s += $1 } END { printf "%.1f", s }' "$OUT/wall.tsv")"

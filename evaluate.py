@@ -4,7 +4,8 @@ prompt c_score of Table 1 (plus the reasoning suffix), an image's score is the m
 and the scores are correlated with the human mean opinion scores: PLCC and SRCC per dataset, and WAVG weighted
 by the number of images.
 
-    # the paper's base model on KonIQ-10k (official test split) and SPAQ, from pyiqa meta_info label files
+    # the paper's base model on KonIQ-10k (official test split), SPAQ and CSIQ: the label files are the meta_info_*.csv
+    # of the pyiqa toolbox (github.com/chaofengc/IQA-PyTorch), the images each dataset's own download
     python evaluate.py --model Qwen/Qwen2.5-VL-7B-Instruct \
         --data koniq=meta_info_KonIQ10kDataset.csv --root koniq=/data/koniq10k/512x384 --split test \
         --data spaq=meta_info_SPAQDataset.csv --root spaq=/data/spaq/TestImage \
@@ -13,10 +14,14 @@ by the number of images.
     # the same on 8 GPUs: each rank scores every 8th image, rank 0 merges the per-image files and reports
     torchrun --standalone --nproc_per_node=8 evaluate.py --model Qwen/Qwen2.5-VL-7B-Instruct ... --out runs/eval/qwen7b
     # a trained checkpoint, with the relative change (%) over the base model's report, as in Table 2
-    python evaluate.py --model runs/grpo/round1 ... --baseline runs/eval/qwen7b/report.json --out runs/eval/round1
-    # the tiny random-weight model on CPU and a few real photos: checks the plumbing (most ratings are invalid)
-    python evaluate.py --model tiny --data biq=../shared/data/biq2021-mini/labels.csv \
-        --root biq=../shared/data/biq2021-mini/images --limit 8 --samples 2 --max-new-tokens 16 --out /tmp/eval_tiny
+    python evaluate.py --model round1/final ... --baseline runs/eval/qwen7b/report.json --out runs/eval/round1
+    # CPU, from a fresh clone: the toy base model of `python toy/prepare.py --out /tmp/toy --crops 1 --steps 20`
+    # on its held-out pool (it answers with its own prompts.json: the toy prompts, no reasoning suffix)
+    python evaluate.py --model /tmp/toy/base --data /tmp/toy/heldout.jsonl --samples 4 --max-new-tokens 2 \
+        --out /tmp/eval_toy
+    # your own photos: a CSV with an image column and a mos column (e.g. img_name,mos), images beside it or in --root
+    python evaluate.py --model tiny --data photos=labels.csv --root photos=images/ --limit 8 --samples 2 \
+        --max-new-tokens 16 --out /tmp/eval_tiny
 
 Datasets are NAME=PATH (or just PATH, named after the file). PATH is
   - a JSONL manifest, one {"image": path, "mos": number} per line (an optional "split" field is honoured);
@@ -35,8 +40,9 @@ whatever the column is called (KADID-10k's 'dmos' is a MOS); else LIVE IQA's lay
 names carry no level and its 'mos' holds DMOS); else the column name ('dmos' lower, the others higher), said so.
 
 Outputs in --out: scores.jsonl (one row per image: dataset, line of the label file, image, path, mos, parsed
-scores, score, std, and with --save-text the completions), report.json, run.json (the scoring settings: a resumed
-run must match them). A killed run resumes where it stopped: finished images are never rescored.
+scores, score, std, and with --save-text the completions), report.json, run.json (the scoring settings, the prompt as
+resolved included: a resumed run must match them). The prompts are --prompts / --think / --no-think, else the
+--model checkpoint's own prompts.json (train_grpo.py and toy/prepare.py write one), else the paper's Table 1. A killed run resumes where it stopped: finished images are never rescored.
 """
 
 import argparse
@@ -55,9 +61,9 @@ from scipy.stats import rankdata
 from tqdm import tqdm
 
 from common import (append_jsonl, check_image, check_numbers, check_out, check_sampling,
-                    dist_exit, dist_setup, drop_torn_tail, encode_prompt, load_image, load_model, load_prompts,
-                    parse_score, preprocess_image, print0, prompt_text, read_jsonl, read_jsonl_lines, read_partial_jsonl, sample, shard,
-                    stable_seed, write_atomic, write_jsonl_atomic)
+                    dist_exit, dist_setup, drop_torn_tail, encode_prompt, load_image, load_model,
+                    parse_score, preprocess_image, print0, prompt_text, read_jsonl, read_jsonl_lines, read_partial_jsonl,
+                    resolve_prompts, run_main, sample, shard, stable_seed, write_atomic, write_jsonl_atomic)
 
 # -----------------------------------------------------------------------------
 # datasets: label files -> rows {dataset, line, image, path, mos}; `line` (the label file's line) is the row's key,
@@ -72,6 +78,7 @@ LOWER_IS_BETTER = {"dmos"}
 # these five folders. pyiqa's "mos" column there holds LIVE's DMOS (pyiqa's own dataset_info agrees).
 LIVE_FOLDERS = {"jp2k", "jpeg", "wn", "gblur", "fastfading"}
 SPLIT_CODES = {"0": "train", "1": "val", "2": "test"}  # pyiqa's numeric split column (KonIQ-10k: 7058/1000/2015)
+MIN_BASELINE = 0.05  # --baseline: a relative change against a smaller |figure| is noise blown up (+251757%)
 
 
 def number(text, where, column):
@@ -116,6 +123,8 @@ def read_manifest(path):
         if not isinstance(row.get("image"), str) or not row["image"]:
             raise ValueError(f"{path}:{line}: expected {{\"image\": path, \"mos\": number}}, "
                              f"got {json.dumps(row)[:80]}")
+        if "mos" not in row:
+            raise ValueError(f"{path}:{line}: no 'mos' field (the human score each image is correlated with)")
         mos = row.get("mos")
         if isinstance(mos, (bool, str)):  # JSON true is no score, and a quoted one is a malformed file
             raise ValueError(f"{path}:{line}: mos {mos!r} is not a number")
@@ -345,10 +354,11 @@ def build_report(datasets, results, settings, plcc, baseline=None):
     wavg = dict(n=total, invalid=sum(d["invalid"] for d in per.values()),  # weights: images in each correlation
                 **{m: sum(d["n"] * d[m] for d in scored) / total if total else None for m in ("plcc", "srcc")})
     report = dict(settings=settings, plcc=plcc, datasets=per, wavg=wavg)
-    if baseline:
+    if baseline:  # None (the table's "n/a"): no figure, or a baseline too near 0 for a relative change to mean much
         base = dict(baseline["datasets"], WAVG=baseline["wavg"])
         report["baseline"] = {name: {m: 100 * (d[m] - base[name][m]) / abs(base[name][m])
-                                     if d[m] is not None and base[name].get(m) else None for m in ("plcc", "srcc")}
+                                     if d[m] is not None and abs(base[name].get(m) or 0) >= MIN_BASELINE else None
+                                     for m in ("plcc", "srcc")}
                               for name, d in dict(per, WAVG=wavg).items() if name in base}
     return report
 
@@ -363,8 +373,10 @@ def format_table(report):
     delta = report.get("baseline", {})
 
     def fig(name, d, m):  # "0.840 (+10.4%)" as in Table 2
-        change = delta.get(name, {}).get(m)
-        return ("-" if d[m] is None else f"{d[m]:.3f}") + (f" ({change:+.1f}%)" if change is not None else "")
+        text = "-" if d[m] is None else f"{d[m]:.3f}"
+        if name in delta:
+            text += " (n/a)" if delta[name][m] is None else f" ({delta[name][m]:+.1f}%)"
+        return text
 
     lines = [f"{'dataset':<12} {'n':>6}  {'PLCC':<16} {'SRCC':<16} {'invalid':>7}  spread"]
     for name, d in report["datasets"].items():
@@ -376,7 +388,8 @@ def format_table(report):
                  f"{w['invalid']:>7}")
     method = "after the 4-parameter logistic mapping (DeQA-Score)" if report["plcc"] == "logistic" else "raw Pearson"
     lines.append(f"PLCC {method}. n: images with a valid score; invalid: images with none (left out); spread: mean "
-                 f"per-image std of the sampled scores" + ("; (%): change relative to the baseline" if delta else ""))
+                 f"per-image std of the sampled scores" + (f"; (%): change relative to the baseline (n/a: no figure, "
+                                                           f"or |baseline| < {MIN_BASELINE})" if delta else ""))
     for name, d in report["datasets"].items():
         lines.append(f"  {name}: {direction_line(d)}")
         if d["plcc_method"] not in ("logistic", "raw"):
@@ -418,8 +431,10 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="a completion cut off before its answer is invalid")
-    p.add_argument("--no-think", action="store_true", help="prompt without the reasoning suffix of Table 1")
-    p.add_argument("--prompts", default=None, help="JSON file overriding prompts of Table 1 (keys 'score', 'suffix')")
+    p.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
+                   help="the reasoning suffix of Table 1 (default: as the --model checkpoint was trained, else on)")
+    p.add_argument("--prompts", default=None, help="JSON file overriding prompts of Table 1 (keys 'score', 'suffix'; "
+                   "default: the --model checkpoint's prompts.json, else Table 1)")
     p.add_argument("--batch-images", type=int, default=8, help="images per sampler call (x --samples sequences)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: this rank's GPU, else cpu")
@@ -432,6 +447,7 @@ def parse_args(argv=None):
                    help="another run's report.json: adds the relative change (%%) of each figure, as in Table 2")
     p.add_argument("--save-text", action="store_true", help="keep the completions in scores.jsonl")
     args = p.parse_args(argv)
+    args.no_think = args.think is False  # what the functions read; main() resolves it against the checkpoint
     if args.samples < 1 or args.batch_images < 1:
         p.error("--samples and --batch-images must be at least 1")
     if not args.datasets + args.data:
@@ -464,7 +480,9 @@ def main(argv=None):
                              lower.get(n)) for n, path in specs]
     for ds in datasets:  # before hours of scoring, not only in the report
         print0(f"{ds['name']}: {len(ds['rows'])} images, {direction_line(ds)}")
-    prompts = load_prompts(args.prompts)
+    prompts, think, source = resolve_prompts(args.model, args.prompts, args.think)
+    args.no_think = not think  # what score_batch reads; run.json records the prompt as resolved
+    print0(source)
     baseline = None
     if args.baseline:
         with open(args.baseline) as f:
@@ -528,4 +546,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

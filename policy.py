@@ -258,6 +258,7 @@ def save(out, step, model, optimizer, tokenizer, image_cfg, save_dtype, keep, st
         plain.tie_weights()
         shutil.rmtree(partial, ignore_errors=True)
         common.save_checkpoint(plain, tokenizer, image_cfg, partial)
+        common.save_prompts(partial, args["prompts"], not args["no_think"])  # the next stage asks it the same way
         del plain, weights
     _barrier()  # the directory exists (save_checkpoint renames it into place) before the ranks write into it
     with _dcp_quietly():

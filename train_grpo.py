@@ -9,14 +9,16 @@ pseudo-labels with the fidelity reward. One run = one round: start from --model,
     # more nodes: torchrun's own flags (--nnodes, --node-rank, --rdzv-endpoint); nothing else changes
     # one GPU: the same FSDP2 path on one rank; one CPU process: plain fp32 modules
     python train_grpo.py --model Qwen/Qwen2.5-VL-3B-Instruct --labels round1/votes.jsonl --out round1/
-    # a toy run on CPU with the built-in tiny model
-    python train_grpo.py --model tiny --labels /tmp/votes.jsonl --out /tmp/grpo --k 4 --max-new-tokens 16 \
-        --batch-pairs 2 --lr 1e-3
+    # a toy run on CPU with the built-in tiny model, on the votes of vote.py's CPU example (see its docstring)
+    python train_grpo.py --model tiny --labels /tmp/v.jsonl --image-root /tmp/toy/pool/train --out /tmp/grpo \
+        --k 4 --max-new-tokens 16 --batch-pairs 2 --lr 1e-3 --max-steps 4
 
 Image paths in a labels file are relative to --image-root (default: that labels file's directory, where
 vote.py's manifest and votes sit). The run writes <out>/metrics.jsonl, <out>/step_<N>/ (a Hugging Face
-model directory in --model's dtype, plus the sharded fp32 state that --resume reads; the newest --keep of them)
-and <out>/final -> step_<last>; pass <out>/final as the next round's --model. --resume continues from the newest
+model directory in --model's dtype, plus the sharded fp32 state that --resume reads; the newest --keep of them;
+and prompts.json, the prompts it was trained with, which every later stage uses unless told otherwise) and
+<out>/final -> step_<last>; pass <out>/final as the next round's --model. The prompts come from --prompts /
+--think / --no-think, else from --model's own prompts.json, else the paper's. --resume continues from the newest
 complete step_<N>, bit for bit, on the same number of ranks. policy.py holds how the policy and its reference
 live on the ranks: meta-device start-up from one read of --model, FSDP2, bf16 compute over fp32 master weights on
 CUDA, activation checkpointing (on by default on CUDA), the rollouts' weight gather, and the checkpoints.
@@ -64,7 +66,8 @@ def parse_args(argv=None):
     ap.add_argument("--labels", nargs="+", required=True,
                     help="vote.py JSONL file(s); with --reward regression, vote.py --task score's (pseudo-estimates)")
     ap.add_argument("--image-root", help="directory the labels' image paths are relative to (default: each labels file's directory)")
-    ap.add_argument("--prompts", help="JSON file overriding the paper's prompts (Table 1)")
+    ap.add_argument("--prompts", help="JSON file overriding the paper's prompts (Table 1; default: the --model "
+                    "checkpoint's prompts.json, else Table 1); the checkpoints keep the prompts trained with")
     ap.add_argument("--batch-pairs", type=int, default=4, help="pairs per step per rank (the paper's B)")
     ap.add_argument("--batch-groups", type=int, default=0,
                     help="instead: G whole groups of pairs sharing a reference image per step per rank")
@@ -91,7 +94,8 @@ def parse_args(argv=None):
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=1024)
-    ap.add_argument("--no-think", action="store_true", help="score prompt without the reasoning suffix")
+    ap.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
+                    help="the score prompt's reasoning suffix (default: as the --model checkpoint was trained, else on)")
     ap.add_argument("--gamma", type=float, default=1e-6, help="Eq. 2's variance floor (the paper: 'a small positive constant')")
     # reward and advantage
     ap.add_argument("--reward", choices=("fidelity", "regression"), default="fidelity",
@@ -594,7 +598,8 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = common.dist_setup()
     device = torch.device(args.device) if args.device and world == 1 else device
-    prompts = common.load_prompts(args.prompts)
+    prompts, think, source = common.resolve_prompts(args.model, args.prompts, args.think)
+    args.no_think = not think  # resolved: what the rollouts, args.json and the checkpoints' prompts.json hold
     regression, group_by = args.reward == "regression", args.group_by.split(",")  # regression: a unit is an image
     labelled = (load_estimates(args.labels, args.image_root, group_by, args.min_valid_votes) if regression else
                 load_labels(args.labels, args.image_root, group_by, args.label, args.min_margin, args.min_valid_votes))
@@ -606,8 +611,10 @@ def main(argv=None):
         raise SystemExit(f"{len(units)} {unit} cannot fill one step of {per_rank} per rank x {world} ranks")
     total = steps_per_epoch * args.epochs if not args.max_steps else min(args.max_steps, steps_per_epoch * args.epochs)
 
-    # what a --resume must match: every argument but those whose help says they may change
-    record = {k: v for k, v in vars(args).items() if k not in MAY_CHANGE_ON_RESUME}
+    # what a --resume must match: every argument but those whose help says they may change; the prompts as resolved
+    # (a checkpoint's prompts.json holds them), not the flags, so that a resume cannot mix two ways of asking
+    record = {k: v for k, v in vars(args).items() if k not in MAY_CHANGE_ON_RESUME | {"prompts", "think"}}
+    record["prompts"] = prompts
     resume_dir = policy.latest_checkpoint(args.out) if args.resume else None
     saved = policy.check_resume(resume_dir, record, world) if resume_dir else None
     policy.init_single_process(device)  # one CUDA process: FSDP2 on one rank, the same path as torchrun's
@@ -640,7 +647,7 @@ def main(argv=None):
     common.print0(f"log-probs: micro-batches of {args.micro_batch} completions, " +
                   ("shared-prefix path (a prompt runs once per micro-batch holding its completions)" if args.shared_prefix
                    else "plain path (one prompt+completion forward per completion)"))
-    think = not args.no_think
+    common.print0(source)
     bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
@@ -742,4 +749,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -10,12 +10,21 @@ image pair with the compare prompt (Table 1), and majority voting gives the pseu
     # round 2: pairs among an original and its distorted variants, voted by the round-1 model
     torchrun --standalone --nproc_per_node=8 vote.py --model round1/final --manifest pool/manifest.jsonl \\
         --mode same-ref --pairs 20000 --out round2/votes.jsonl
-    # tiny CPU example (random weights: the votes are noise, the plumbing is real)
-    python vote.py --model tiny --manifest pool/manifest.jsonl --pairs 10 --k 4 --max-new-tokens 16 --out /tmp/v.jsonl
+    # CPU, from a fresh clone: a toy pool (seconds; see toy/prepare.py), then the tiny random-weight model (its
+    # votes are noise, the plumbing is real) and the toy base model (its prompts.json: A / B labels, no suffix)
+    python toy/prepare.py --out /tmp/toy --crops 1 --steps 20
+    python vote.py --model tiny --manifest /tmp/toy/pool/train/manifest.jsonl --pairs 10 --k 4 \
+        --max-new-tokens 16 --out /tmp/v.jsonl
+    python vote.py --model /tmp/toy/base --manifest /tmp/toy/pool/train/manifest.jsonl --mode same-ref \
+        --pairs 100 --k 16 --out /tmp/toy/votes.jsonl
 
 Each pair's K queries are split evenly between the two orders (a first, b first): K//2 each, the odd one's
 order drawn per pair. Equal counts cancel position bias exactly instead of on average; which image of a pair is
 `a` is random too. Each order is one request sampled K/2 times from a single prefill.
+
+A checkpoint written by train_grpo.py or toy/prepare.py carries the prompts it was trained with (prompts.json:
+the prompts and whether the reasoning suffix was on); they are used unless --prompts or --think / --no-think say
+otherwise, and the run prints which prompts it uses and from where. <out>.args.json records them as resolved.
 
 --no-think drops the reasoning suffix, so the answer is one token: the bare label ("0" or "1"), any token whose
 text stripped of spaces is a label counting for it. One forward pass per order then gives the exact probability
@@ -91,16 +100,20 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (paper: off)")
     p.add_argument("--top-k", type=int, default=0, help="0: off (paper: off)")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="a longer reasoning counts as invalid")
-    p.add_argument("--no-think", action="store_true", help="no reasoning suffix: exact one-token vote probabilities")
+    p.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
+                   help="the reasoning suffix (default: as the --model checkpoint was trained, else on as in the paper); "
+                        "--no-think: exact one-token vote probabilities")
     p.add_argument("--batch-pairs", type=int, default=4, help="pairs per sampler call (2 requests x K/2 rows each; "
                    "--task score: images, 1 request x K rows each)")
-    p.add_argument("--prompts", default=None, help="JSON overriding the Table 1 prompts / compare_labels")
+    p.add_argument("--prompts", default=None, help="JSON overriding the Table 1 prompts / compare_labels "
+                   "(default: the --model checkpoint's prompts.json, else Table 1)")
     # output
     p.add_argument("--out", default="votes.jsonl", help="one line per pair; <out>.args.json records the arguments")
     p.add_argument("--save-text", action="store_true", help="keep the completions (or --no-think probabilities)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     args = p.parse_args(argv)
+    args.no_think = args.think is False  # what the functions read; main() resolves it against the checkpoint
     if args.pairs != "all" and not (args.pairs.isdigit() and int(args.pairs) > 0):
         p.error(f"--pairs must be a positive integer or 'all', got {args.pairs!r}")
     if args.images != "all" and not (args.images.isdigit() and int(args.images) > 0):
@@ -494,7 +507,12 @@ def main(argv=None):
             raise ValueError(f"{args.manifest}:{pool[j]['line']}: image {pool[j]['image']!r} not found "
                              f"({os.path.join(root, pool[j]['image'])})")
 
-    record = json.loads(json.dumps({k: v for k, v in vars(args).items() if k != "out"}))
+    prompts, think, source = common.resolve_prompts(args.model, args.prompts, args.think)
+    args.no_think = not think  # what the votes read
+    common.print0(source)
+    # the prompts and suffix as resolved, not the flags: a resume cannot mix two ways of asking
+    record = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in ("out", "prompts", "think")}
+                                   | dict(prompts=prompts)))
     check_resume(args.out, record)
     done = {row["i"] for path in part_files(args.out) + [args.out] for row in common.read_partial_jsonl(path)}
     if rank == 0:
@@ -513,7 +531,6 @@ def main(argv=None):
                   f"{len(todo)} of {len(batches)} batches of {args.batch_pairs} {unit} left, over {world} rank(s)")
     if mine:
         model, tokenizer, image_cfg = common.load_model(args.model, args.device or device, args.dtype)
-        prompts = common.load_prompts(args.prompts)
         if args.task == "compare":
             label_ids = label_tokens(tokenizer, prompts["compare_labels"]) if args.no_think else None
             run_batch = lambda batch: vote_batch(model, tokenizer, prompts, image_cfg, root, pool, pairs, batch, args,
@@ -543,4 +560,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

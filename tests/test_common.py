@@ -73,6 +73,46 @@ def test_prompts_file_overrides_and_parser_follows(tmp_path):
         common.load_prompts(str(path))
 
 
+def test_a_checkpoint_carries_its_prompts_and_flags_on_the_command_line_win(tmp_path):
+    ckpt, toy = tmp_path / "ckpt", tmp_path / "toy.json"
+    ckpt.mkdir()
+    toy.write_text(json.dumps({"compare_labels": ["A", "B"]}))
+    # no checkpoint file: the paper's prompts with the reasoning suffix
+    assert common.resolve_prompts(str(ckpt)) == (common.PROMPTS, True, "prompts: the paper's Table 1; reasoning "
+                                                 "suffix on (the paper's default)")
+    assert common.resolve_prompts("tiny")[:2] == (common.PROMPTS, True)
+    saved = dict(common.load_prompts(str(toy)), score="Rate it.")
+    common.save_prompts(str(ckpt), saved, False)
+    assert json.loads((ckpt / "prompts.json").read_text()) == dict(saved, think=False)  # a --prompts file, + think
+    prompts, think, source = common.resolve_prompts(str(ckpt))
+    assert (prompts, think) == (saved, False)
+    assert source == f"prompts: {ckpt}/prompts.json (the checkpoint's); reasoning suffix off ({ckpt}/prompts.json " \
+                     f"(the checkpoint's))"
+    # --prompts wins for the prompts; the suffix still follows the checkpoint unless --think / --no-think
+    prompts, think, source = common.resolve_prompts(str(ckpt), str(toy))
+    assert (prompts["score"], prompts["compare_labels"], think) == (common.PROMPTS["score"], ["A", "B"], False)
+    assert source.startswith(f"prompts: {toy} (--prompts); reasoning suffix off")
+    prompts, think, source = common.resolve_prompts(str(ckpt), None, True)
+    assert (prompts, think) == (saved, True) and source.endswith("reasoning suffix on (--think)")
+    (ckpt / "prompts.json").write_text(json.dumps({"think": "no"}))
+    with pytest.raises(ValueError, match="prompts.json: think must be true or false"):
+        common.resolve_prompts(str(ckpt))
+
+
+def test_bad_input_ends_in_one_line_and_a_library_error_keeps_its_traceback(tmp_path, capsys):
+    def ours():
+        common.read_jsonl(str(tmp_path / "absent.jsonl"))
+
+    with pytest.raises(SystemExit) as e:
+        common.run_main(ours)
+    assert str(e.value).endswith(f"error: {tmp_path}/absent.jsonl: No such file or directory")
+    with pytest.raises(SystemExit, match=r"error: .*bad\.jsonl:1: malformed JSON line"):
+        (tmp_path / "bad.jsonl").write_text("{\n")
+        common.run_main(lambda: common.read_jsonl(str(tmp_path / "bad.jsonl")))
+    with pytest.raises(json.JSONDecodeError):  # raised inside the json module: a bug, not bad input
+        common.run_main(lambda: json.loads("{"))
+
+
 @pytest.mark.parametrize("text,expected", [
     ("<think>the first is sharper</think> \\boxed{0}", 0),
     ("boxed{1}", 1),

@@ -1,5 +1,5 @@
-"""The CPU demo (demo.sh, toy/): a seconds-long run makes every file and a well-formed table. The full demo's
-figures belong to the README, not to a test."""
+"""The CPU demo (demo.sh, toy/): a run at the test scale (a minute) makes every file, a well-formed table and the
+picture. The full demo's figures belong to the README, not to a test."""
 import json
 import os
 import shutil
@@ -7,6 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
+
+import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "toy"))
@@ -21,7 +24,8 @@ STEPS = ["prepare", "eval base", "round 1 votes", "round 1 grpo", "eval round 1"
 def demo(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("demo"))
     env = dict(os.environ, DEMO_SCALE="test", DEMO_OUT=out, PYTHON=sys.executable)
-    run = subprocess.run(["bash", os.path.join(ROOT, "demo.sh")], env=env, capture_output=True, text=True, timeout=600)
+    # a minute on 2 quiet cores; the timeout only guards against a hang (under heavy load it took 13 minutes)
+    run = subprocess.run(["bash", os.path.join(ROOT, "demo.sh")], env=env, capture_output=True, text=True, timeout=2400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return out, run.stdout, env
 
@@ -36,8 +40,10 @@ def test_demo_writes_every_stage_output(demo):
         assert os.path.isfile(os.path.join(out, run, "final", "config.json")), run
         assert os.path.isfile(os.path.join(out, run, "metrics.jsonl")), run
     for model in MODELS:
-        for name in ("report.json", "scores.jsonl", "compare.jsonl"):
+        for name in ("report.json", "scores.jsonl", "compare.jsonl", "expected.jsonl"):
             assert os.path.isfile(os.path.join(out, "eval", model, name)), (model, name)
+    with Image.open(os.path.join(out, "sheet.png")) as sheet:  # 2 crops x 5 types: rows of 112-pixel crops
+        assert sheet.format == "PNG" and sheet.width > 6 * 112 and sheet.height > 10 * 112
 
 
 def test_demo_prints_the_table_and_a_json_line(demo):
@@ -59,7 +65,10 @@ def test_demo_prints_the_table_and_a_json_line(demo):
         assert 0 <= m["compare"]["argmax"] <= 1
     assert sorted(res["seconds"]) == sorted(STEPS)  # the background steps interleave with the others
     with open(os.path.join(out, "report.md")) as f:
-        assert "Evolution on the held-out pool" in f.read()
+        table = f.read()
+    assert "Evolution on the held-out pool" in table
+    for t in ("contrast_weaken_scale", "contrast_weaken_stretch", "noise_gaussian_rgb"):  # type names whole
+        assert f"\n{t} " in table, t
 
 
 def test_demo_control_shuffles_the_round1_labels(demo):
@@ -70,11 +79,80 @@ def test_demo_control_shuffles_the_round1_labels(demo):
     assert sorted(r["p"] for r in rows) == sorted(r["p"] for r in ctrl)
 
 
-def test_demo_rerun_skips_finished_steps(demo):
+def test_demo_rerun_skips_finished_steps_and_keeps_the_first_wall_time(demo):
     out, _, env = demo
-    run = subprocess.run(["bash", os.path.join(ROOT, "demo.sh")], env=env, capture_output=True, text=True, timeout=120)
+    with open(os.path.join(out, "report.json")) as f:
+        first = json.load(f)
+    run = subprocess.run(["bash", os.path.join(ROOT, "demo.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("done already") == len(STEPS)  # the background steps' lines are copied in at the end
+    with open(os.path.join(out, "report.json")) as f:
+        again = json.load(f)
+    assert again["seconds_wall"] == first["seconds_wall"] > 0 and again["seconds"] == first["seconds"]
+    with open(os.path.join(out, "demo.log")) as f:  # the main line's output, both runs
+        log = f.read()
+    assert log.count("== demo.sh, DEMO_SCALE=test") == 2 and "== round 1 grpo: grpo" in log
+    assert log.count("Evolution on the held-out pool") == 2
+
+
+def test_demo_refuses_a_folder_made_with_other_settings(demo, tmp_path):
+    out, _, env = demo
+    log = os.path.getsize(os.path.join(out, "demo.log"))
+    run = subprocess.run(["bash", os.path.join(ROOT, "demo.sh")], env=dict(env, DEMO_SCALE="full"),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and run.stdout == ""
+    assert f"{out} was made with other settings ({out}/settings.txt); it has\n    scale=test\n" in run.stderr
+    assert "  where this run has\n    scale=full\n" in run.stderr
+    assert f"To start over: rm -rf {out} && DEMO_SCALE=full DEMO_OUT={out} bash demo.sh" in run.stderr
+    assert os.path.getsize(os.path.join(out, "demo.log")) == log  # nothing touched
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "timings.tsv").write_text("prepare\t1.0\n")  # an older demo.sh's folder
+    run = subprocess.run(["bash", os.path.join(ROOT, "demo.sh")], env=dict(env, DEMO_OUT=str(tmp_path / "old")),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "holds files but no settings.txt" in run.stderr
+
+
+def test_demo_scales_have_their_own_default_folders(tmp_path):
+    shutil.copy(os.path.join(ROOT, "demo.sh"), tmp_path)  # it runs where it lies: the folders land in tmp_path
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
+    for scale, folder in ((None, "runs/demo"), ("test", "runs/demo-test")):
+        run = subprocess.run(["bash", str(tmp_path / "demo.sh")], capture_output=True, text=True, timeout=60,
+                             env=dict(env, PYTHON="false", **({"DEMO_SCALE": scale} if scale else {})))
+        assert run.returncode != 0  # the first step fails at once
+        assert f"== demo.sh, DEMO_SCALE={scale or 'full'}, in {folder}," in run.stdout
+        with open(tmp_path / folder / "settings.txt") as f:
+            assert f.readline() == f"scale={scale or 'full'}\n"
+
+
+def test_demo_checkpoints_carry_their_prompts(demo):
+    out, _, _ = demo
+    with open(os.path.join(ROOT, "toy", "prompts.json")) as f:
+        toy = json.load(f)
+    for ckpt in ("base", "round1/final", "control/final", "round2/final"):
+        with open(os.path.join(out, ckpt, "prompts.json")) as f:
+            saved = json.load(f)
+        assert saved["think"] is False and {k: saved[k] for k in toy} == toy, ckpt
+
+
+def test_a_demo_checkpoint_evaluated_without_flags_asks_as_it_was_trained(demo, tmp_path, capsys):
+    """evaluate.py on round1/final with no --prompts / --no-think gives the figures the demo got with them (without
+    its prompts.json, the paper's prompts got 69% invalid answers and SRCC 0.03); a flag on the command line wins."""
+    out, _, _ = demo
+    argv = ["--model", os.path.join(out, "round1", "final"), "--data", f"heldout={out}/heldout.jsonl", "--samples", "2",
+            "--temperature", "1.0", "--max-new-tokens", "2", "--batch-images", "64"]
+    evaluate.main(argv + ["--out", str(tmp_path / "plain")])
+    assert f"prompts: {out}/round1/final/prompts.json (the checkpoint's); reasoning suffix off" in capsys.readouterr().out
+    ours, demos = (evaluate.read_jsonl(os.path.join(d, "scores.jsonl")) for d in (tmp_path / "plain", f"{out}/eval/round1"))
+    assert [r["scores"] for r in ours] == [r["scores"] for r in demos]
+    assert sum(r["score"] is not None for r in ours) > 90  # of 104: real answers, so the comparison can fail
+    with open(tmp_path / "plain" / "report.json") as f, open(f"{out}/eval/round1/report.json") as g:
+        assert json.load(f)["datasets"] == json.load(g)["datasets"]
+    evaluate.main(argv + ["--think", "--limit", "4", "--out", str(tmp_path / "think")])
+    with open(tmp_path / "think" / "run.json") as f:
+        assert json.load(f)["prompt"].endswith(" You FIRST think about the reasoning process as an internal "
+                                               "monologue and then provide the final answer. The reasoning process "
+                                               "MUST BE enclosed within <think> </think> tags. The final answer MUST "
+                                               "BE put in boxed{ }.")
 
 
 def test_demo_stops_when_the_background_steps_fail(demo, tmp_path):

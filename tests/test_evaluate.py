@@ -128,7 +128,7 @@ def test_jsonl_manifest_paths_are_relative_to_the_manifest(tmp_path):
     ("a.csv", "img_name,mos\nimg0.png,3\nimg1.png,high\n", r"a\.csv:3: mos 'high' is not a number"),
     ("b.csv", "img_name,mos\nimg0.png,3\n\nimg1.png\n", r"b\.csv:4: 1 fields, the header has 2"),
     ("c.csv", "name,quality\nimg0.png,3\n", r"c\.csv: header .* needs an image column"),
-    ("d.jsonl", '{"image": "img0.png", "mos": 3}\n{"image": "img1.png"}\n', r"d\.jsonl:2: mos None is not a number"),
+    ("d.jsonl", '{"image": "img0.png", "mos": 3}\n{"image": "img1.png"}\n', r"d\.jsonl:2: no 'mos' field"),
     ("f.csv", "img_name,mos\nimg0.png,3\nimg1.png,3,1\n", r"f\.csv:3: 3 fields, the header has 2"),  # decimal comma
     ("g.jsonl", '{"image": "img0.png", "mos": true}\n', r"g\.jsonl:1: mos True is not a number"),
     ("h.jsonl", '{"image": "img0.png", "mos": "3"}\n', r"h\.jsonl:1: mos '3' is not a number"),
@@ -322,6 +322,22 @@ def test_report_table_and_baseline_relative_change(tmp_path, monkeypatch, capsys
     printed = capsys.readouterr().out
     assert "1.000 (+100.0%)" in printed and "1.000 (+25.0%)" in printed and "raw Pearson" in printed
     assert json.loads(printed.strip().splitlines()[-1])["set"]["n"] == 6
+
+
+def test_baseline_near_zero_gives_no_relative_change(tmp_path, monkeypatch, capsys):
+    """A relative change against |baseline| < 0.05 is noise blown up (0.0001 -> +251757%): n/a, in the table too."""
+    data, out = manifest(tmp_path, 6), tmp_path / "out"
+    stub_scoring(monkeypatch, [])
+    baseline = dict(datasets={"set": dict(plcc=0.05, srcc=-0.0004)}, wavg=dict(plcc=0.5, srcc=0.049))
+    write(tmp_path / "base.json", json.dumps(baseline))
+    evaluate.main([f"set={data}", "--out", str(out), "--plcc", "raw", "--baseline", str(tmp_path / "base.json")])
+    report = json.loads((out / "report.json").read_text())
+    assert report["baseline"]["set"] == dict(plcc=pytest.approx(1900.0), srcc=None)  # 1.0 over 0.05: still one
+    assert report["baseline"]["WAVG"] == dict(plcc=pytest.approx(100.0), srcc=None)
+    table = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert table["set"].split()[2:6] == ["1.000", "(+1900.0%)", "1.000", "(n/a)"]
+    assert table["WAVG"].split()[2:6] == ["1.000", "(+100.0%)", "1.000", "(n/a)"]
+    assert "n/a: no figure, or |baseline| < 0.05" in table["PLCC"]
 
 
 def test_datasets_are_named_after_their_file_and_roots_go_by_name(tmp_path, monkeypatch, capsys):

@@ -480,9 +480,12 @@ def test_checkpoint_round_trip(tmp_path, tiny):
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     opt.step()  # AdamW's moments exist
-    policy.save(str(tmp_path), 3, model, opt, tok, cfg, "float32", 2, dict(step=3, world=1), {})
+    asked = (dict(common.PROMPTS, compare_labels=["A", "B"]), False)
+    policy.save(str(tmp_path), 3, model, opt, tok, cfg, "float32", 2, dict(step=3, world=1),
+                dict(prompts=asked[0], no_think=True))
     draws = (random.random(), np.random.rand(), torch.rand(1))
     d = str(tmp_path / "step_3")
+    assert common.resolve_prompts(d)[:2] == asked  # prompts.json: the next stage asks it as it was trained
     # resume/ brings the master weights, AdamW's state and the RNG back exactly, into a fresh model and optimizer
     fresh = common.load_model("tiny", "cpu", "float32")[0]
     fresh_opt = torch.optim.AdamW(fresh.parameters())
@@ -515,7 +518,7 @@ def test_tied_embedding_stays_tied_through_load_and_save(tmp_path):
     for m in (policy_model, ref):
         assert m.lm_head.weight is m.model.language_model.embed_tokens.weight
     policy.save(str(tmp_path / "run"), 1, policy_model, torch.optim.AdamW(policy_model.parameters()), tok, cfg,
-                "float32", 2, dict(step=1, world=1), {})
+                "float32", 2, dict(step=1, world=1), dict(prompts=common.PROMPTS, no_think=False))
     saved = common.load_model(str(tmp_path / "run" / "step_1"), "cpu", "float32")[0]
     assert saved.lm_head.weight is saved.model.language_model.embed_tokens.weight
     assert torch.equal(saved.lm_head.weight, model.lm_head.weight)

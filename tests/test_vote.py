@@ -385,6 +385,32 @@ def test_rerun_with_other_arguments_refuses_to_mix(pool_dir, tmp_path, monkeypat
         vote.main(base + ["--k", "4"])
 
 
+def test_a_checkpoints_prompts_are_used_and_recorded_as_resolved(pool_dir, tmp_path, monkeypatch, cached_model, capsys):
+    """Given a checkpoint with a prompts.json and no flags, the votes ask it that way; args.json records the prompts as
+    resolved, so the same prompts spelled out on the command line resume the run, and another suffix refuses."""
+    ckpt, out, asked = tmp_path / "ckpt", tmp_path / "v.jsonl", []
+    ckpt.mkdir()
+    common.save_prompts(str(ckpt), dict(common.PROMPTS, compare="<image><image> Which is better, A or B?",
+                                        compare_labels=["A", "B"]), True)
+
+    def stub(model, tokenizer, requests, *args, **kwargs):
+        asked.extend(tokenizer.decode(ids) for ids, _ in requests)
+        return brighter_stub(model, tokenizer, requests, *args, **kwargs)
+
+    monkeypatch.setattr(common, "sample", stub)
+    argv = ["--model", str(ckpt), "--manifest", str(pool_dir / "manifest.jsonl"), "--pairs", "4", "--k", "2",
+            "--out", str(out)]
+    vote.main(argv)
+    assert len(asked) == 8 and all("Which is better, A or B? You FIRST think" in text for text in asked)
+    assert f"prompts: {ckpt}/prompts.json (the checkpoint's); reasoning suffix on" in capsys.readouterr().out
+    record = json.loads((tmp_path / "v.jsonl.args.json").read_text())
+    assert record["prompts"]["compare_labels"] == ["A", "B"] and record["no_think"] is False
+    vote.main(argv + ["--prompts", str(ckpt / "prompts.json"), "--think"])  # the same, spelled out: nothing to redo
+    assert len(asked) == 8
+    with pytest.raises(ValueError, match=r"came from other arguments \(--no-think False -> True\)"):
+        vote.main(argv + ["--no-think"])
+
+
 def test_each_batch_is_one_prefill_with_each_image_encoded_once(pool_dir, tmp_path, monkeypatch, cached_model):
     model = cached_model[0]
     prefills, encoded = [], []

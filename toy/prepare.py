@@ -3,13 +3,14 @@ The CPU demo's toy world, in the spirit of nanoGPT's data/*/prepare.py: real pho
 scikit-image, cut into many small references, distorted by distort.py at every level, and a toy base model.
 
     python toy/prepare.py --out runs/demo                      # the demo's world (~2 minutes on 2 cores)
-    python toy/prepare.py --out /tmp/t --crops 2 --steps 20    # seconds: the plumbing only
+    python toy/prepare.py --out /tmp/toy --crops 1 --steps 20  # seconds: the plumbing only
 
 Writes
     <out>/refs/{train,heldout}/<photo>_<i>.png   random crops, split by photograph (no photo in both)
     <out>/pool/{train,heldout}/manifest.jsonl    distort.py's pools: each crop plus 5 types x 5 levels
     <out>/heldout.jsonl                          the held-out pool with a ground-truth `mos` for evaluate.py
-    <out>/base/                                  the toy base model: an ordinary checkpoint directory
+    <out>/base/                                  the toy base model: an ordinary checkpoint directory, with the
+                                                 toy prompts in its prompts.json (no reasoning suffix)
     <out>/base.json                              the warm-up's settings and the base model's held-out figures
 
 The base model stands in for the pretraining a real VLM has, and it is made WITH labels: a short supervised
@@ -231,13 +232,13 @@ def measure(model, tok, prompts, rows, images, batch=256):
         wrong += probs[:n, label[1]].tolist() + probs[n:, label[0]].tolist()
     right, wrong = np.array(right), np.array(wrong)
     return dict(compare_single=float(right.mean()), compare_argmax=float((right > wrong).mean()),
-                compare_valid=float((right + wrong).mean()), **score_figures(model, tok, prompts, rows, images, batch))
+                compare_valid=float((right + wrong).mean()),
+                **score_figures(expected_scores(model, tok, prompts, rows, images, batch), rows))
 
 
 @torch.no_grad()
-def score_figures(model, tok, prompts, rows, images, batch=256):
-    """The expected score sum_d d * p(d) / sum_d p(d) over the one-token answers 1-5 of each image (no sampling
-    noise), and its SRCC against -level: over all images, and averaged within (crop, type) groups, by type."""
+def expected_scores(model, tok, prompts, rows, images, batch=256):
+    """{image: the expected score sum_d d * p(d) / sum_d p(d)} over the one-token answers 1-5 (no sampling noise)."""
     grid = next(iter(images.values()))[1]
     score_ids = common.encode_prompt(tok, prompts, "score", [grid], think=False)
     digit = [tok.convert_tokens_to_ids(str(d)) for d in range(1, 6)]
@@ -247,6 +248,12 @@ def score_figures(model, tok, prompts, rows, images, batch=256):
         probs = common.prefill(model, [(score_ids, [k]) for k in keys[s:s + batch]], images)[0].softmax(-1)
         p = probs[:, digit]
         expected.update(zip(keys[s:s + batch], (p @ torch.arange(1.0, 6.0) / p.sum(-1)).tolist()))
+    return expected
+
+
+def score_figures(expected, rows):
+    """SRCC of the expected scores against -level: over all images, and averaged within (crop, type) groups, by type."""
+    keys = [r["image"] for r in rows]
     level = {r["image"]: r["level"] for r in rows}
     srcc = lambda ks: spearmanr([expected[k] for k in ks], [-level[k] for k in ks])[0]
     within = {}
@@ -280,6 +287,7 @@ def main():
           + ", ".join(f"{t} {v:.2f}" for t, v in base["score_srcc_within"].items()) + ")")
 
     common.save_checkpoint(model, tok, cfg, os.path.join(args.out, "base"))
+    common.save_prompts(os.path.join(args.out, "base"), prompts, False)  # one-token answers: no reasoning suffix
     held = [dict(r, mos=5 - r["level"], image=os.path.join("pool", "heldout", r["image"])) for r in heldout]
     common.write_jsonl_atomic(os.path.join(args.out, "heldout.jsonl"), held)
     common.write_atomic(os.path.join(args.out, "base.json"),
@@ -288,4 +296,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -1,7 +1,7 @@
 """
 The CPU demo's final table, from the files the stages wrote under the demo's folder:
 
-    python toy/report.py --out runs/demo
+    python toy/report.py --out runs/demo      # after demo.sh (which runs it)
 
 - self-consistency: on the round's training pairs, how often one vote names the better image (the lower level
   of one (crop, type) group) and how often the majority of K votes does (vote.py's output);
@@ -13,7 +13,8 @@ The CPU demo's final table, from the files the stages wrote under the demo's fol
 - the seconds each step of demo.sh took (<out>/timings.tsv) and, with --wall, the whole run's (two steps run at
   a time, so the steps add up to more).
 
-Prints the table for people, then one JSON line for scripts; writes <out>/report.md and <out>/report.json.
+Prints the table for people, then one JSON line for scripts; writes <out>/report.md, <out>/report.json and, once
+base, round 1 and round 2 are there, the picture <out>/sheet.png (toy/sheet.py).
 """
 import argparse
 import datetime
@@ -29,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import prepare  # noqa: E402  (toy/prepare.py: the groups and the expected score)
+import sheet  # noqa: E402  (toy/sheet.py: the picture)
 
 MODELS = [("base", "base"), ("round1", "round 1"), ("control", "control: random labels"), ("round2", "round 2")]
 CHECKPOINTS = {"base": "base", "round1": "round1/final", "control": "control/final", "round2": "round2/final"}
@@ -37,7 +39,7 @@ CHECKPOINTS = {"base": "base", "round1": "round1/final", "control": "control/fin
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="the demo's folder")
-    p.add_argument("--prompts", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts.json"))
+    p.add_argument("--prompts", default=None, help="the prompts of the expected score (default: each checkpoint's)")
     p.add_argument("--wall", type=float, help="seconds the whole run took (demo.sh measures it)")
     return p.parse_args(argv)
 
@@ -92,14 +94,21 @@ def eval_figures(folder, truth):
                 within=float(np.nanmean([x for v in per_type.values() for x in v])), within_type=within)
 
 
-def expected_figures(out, key, prompts):
-    """prepare.score_figures of one model on the held-out pool (None if the model is not there)."""
+def expected_figures(out, key, prompts_path=None):
+    """prepare.score_figures of one model on the held-out pool (None if the model is not there), asked with the
+    checkpoint's own prompts unless --prompts; each image's expected score goes to <out>/eval/<key>/expected.jsonl
+    (toy/sheet.py draws them)."""
     path = os.path.join(out, CHECKPOINTS[key])
     if not os.path.isdir(path):
         return None
     model, tok, cfg = common.load_model(path, "cpu", "float32")
+    prompts = common.resolve_prompts(path, prompts_path, False)[0]  # the expected score needs one-token answers
     rows, images = prepare.load_pool(out, "heldout", cfg)
-    return prepare.score_figures(model, tok, prompts, rows, images)
+    expected = prepare.expected_scores(model, tok, prompts, rows, images)
+    os.makedirs(os.path.join(out, "eval", key), exist_ok=True)
+    common.write_jsonl_atomic(os.path.join(out, "eval", key, "expected.jsonl"),
+                              [dict(image=k, expected=v) for k, v in expected.items()])
+    return prepare.score_figures(expected, rows)
 
 
 def group_images(truth):
@@ -123,7 +132,6 @@ def main(argv=None):
     if hasattr(os, "getloadavg"):
         res["load"] = [round(x, 2) for x in os.getloadavg()]
     truth = {r["image"]: r for r in common.read_jsonl(os.path.join(out, "heldout.jsonl"))}
-    prompts = common.load_prompts(args.prompts)
 
     # --- self-consistency of each round's votes on its training pairs
     res["votes"] = {}
@@ -142,7 +150,7 @@ def main(argv=None):
         if os.path.exists(path):
             m["compare"] = vote_accuracy(path)
         if m:
-            m["expected"] = expected_figures(out, key, prompts)
+            m["expected"] = expected_figures(out, key, args.prompts)
         if m:
             res["models"][key] = m
     base, r1, ctl = (res["models"].get(k, {}).get("srcc") for k in ("base", "round1", "control"))
@@ -187,13 +195,14 @@ def main(argv=None):
                      f"{fmt(m.get('spread')):>6} {m.get('invalid', '-'):>7}   {fmt(e.get('score_srcc')):>6} "
                      f"{fmt(e.get('score_srcc_within_mean')):>8}   {fmt(c.get('argmax')):>6} {fmt(c.get('single')):>8}")
     types = sorted({t for m in res["models"].values() for t in (m.get("expected") or {}).get("score_srcc_within", {})})
-    if types:
+    if types:  # a row per type, so that no name is cut
+        shown = [(key, name) for key, name in MODELS if (res["models"].get(key) or {}).get("expected")]
+        width = max(map(len, types))
         lines += ["", "Expected-score SRCC within (crop, type) groups, by type:",
-                  f"{'model':<24} " + " ".join(f"{t[:14]:>14}" for t in types)]
-        for key, name in MODELS:
-            e = (res["models"].get(key) or {}).get("expected")
-            if e:
-                lines.append(f"{name:<24} " + " ".join(f"{fmt(e['score_srcc_within'].get(t)):>14}" for t in types))
+                  f"{'type':<{width}} " + " ".join(f"{name.split(':')[0]:>8}" for _, name in shown)]
+        for t in types:
+            lines.append(f"{t:<{width}} " + " ".join(
+                f"{fmt(res['models'][key]['expected']['score_srcc_within'].get(t)):>8}" for key, _ in shown))
     lines += ["", f"round 1 - base, held-out SRCC of the mean sampled score: {fmt(res['gain_round1'], True)} (target "
                   f">= +0.13), of the expected score: {fmt(res['gain_round1_expected'], True)}",
               f"control - base (target ~0): {fmt(res['gain_control'], True)} and {fmt(res['gain_control_expected'], True)}"]
@@ -202,6 +211,8 @@ def main(argv=None):
                   + f"; sum {res['seconds_total']:.0f}"
                   + (f", wall {res['seconds_wall']:.0f} (two steps at a time)" if res["seconds_wall"] else "")]
     table = "\n".join(lines)
+    if all(os.path.exists(os.path.join(out, "eval", key, "expected.jsonl")) for key in ("base", "round1", "round2")):
+        sheet.main(["--out", out])
     print(table)
     common.write_atomic(os.path.join(out, "report.md"), "```\n" + table + "\n```\n")
     common.write_atomic(os.path.join(out, "report.json"), json.dumps(res, indent=1) + "\n")
@@ -213,4 +224,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)
