@@ -102,15 +102,16 @@ def resolve_prompts(model, path=None, think=None):
     else the paper's Table 1 with the reasoning suffix. `source` says which, in a line for the stage to print.
     """
     saved = os.path.join(model, PROMPTS_FILE) if model != "tiny" and os.path.isdir(model) else None
-    files = ([(path, f"{path} (--prompts)")] if path else []) + \
-            ([(saved, f"{saved} (the checkpoint's)")] if saved and os.path.isfile(saved) else [])
+    files = ([(path, f"--prompts {path}")] if path else []) + \
+            ([(saved, f"the checkpoint's {saved}")] if saved and os.path.isfile(saved) else [])
     asked = [(read_prompts(f), name) for f, name in files]  # [((prompts, think or None), where)]
     prompts, where = (asked[0][0][0], asked[0][1]) if asked else (dict(PROMPTS), "the paper's Table 1")
     if think is not None:
-        think_from = "--think" if think else "--no-think"
+        think_from = "from --think" if think else "from --no-think"
     else:  # the first file that says, else the paper
-        think, think_from = next(((t, name) for (_, t), name in asked if t is not None), (True, "the paper's default"))
-    return prompts, think, f"prompts: {where}; reasoning suffix {'on' if think else 'off'} ({think_from})"
+        think, think_from = next(((t, "from the same file" if name == where else f"from {name}")
+                                  for (_, t), name in asked if t is not None), (True, "the paper's default"))
+    return prompts, think, f"prompts: {where}; reasoning suffix: {'on' if think else 'off'}, {think_from}"
 
 
 def prompt_text(prompts, task, think=True):

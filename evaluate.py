@@ -15,8 +15,9 @@ by the number of images.
     torchrun --standalone --nproc_per_node=8 evaluate.py --model Qwen/Qwen2.5-VL-7B-Instruct ... --out runs/eval/qwen7b
     # a trained checkpoint, with the relative change (%) over the base model's report, as in Table 2
     python evaluate.py --model round1/final ... --baseline runs/eval/qwen7b/report.json --out runs/eval/round1
-    # CPU, from a fresh clone: the toy base model of `python toy/prepare.py --out /tmp/toy --crops 1 --steps 20`
-    # on its held-out pool (it answers with its own prompts.json: the toy prompts, no reasoning suffix)
+    # CPU, from a fresh clone: the toy base model of toy/prepare.py's small world on its held-out pool (it answers
+    # with its own prompts.json: the toy prompts, no reasoning suffix); first, in seconds:
+    #   python toy/prepare.py --out /tmp/toy --crops 1 --steps 40 --lr 5e-3
     python evaluate.py --model /tmp/toy/base --data /tmp/toy/heldout.jsonl --samples 4 --max-new-tokens 2 \
         --out /tmp/eval_toy
     # your own photos: a CSV with an image column and a mos column (e.g. img_name,mos), images beside it or in --root

@@ -79,21 +79,20 @@ def test_a_checkpoint_carries_its_prompts_and_flags_on_the_command_line_win(tmp_
     toy.write_text(json.dumps({"compare_labels": ["A", "B"]}))
     # no checkpoint file: the paper's prompts with the reasoning suffix
     assert common.resolve_prompts(str(ckpt)) == (common.PROMPTS, True, "prompts: the paper's Table 1; reasoning "
-                                                 "suffix on (the paper's default)")
+                                                 "suffix: on, the paper's default")
     assert common.resolve_prompts("tiny")[:2] == (common.PROMPTS, True)
     saved = dict(common.load_prompts(str(toy)), score="Rate it.")
     common.save_prompts(str(ckpt), saved, False)
     assert json.loads((ckpt / "prompts.json").read_text()) == dict(saved, think=False)  # a --prompts file, + think
     prompts, think, source = common.resolve_prompts(str(ckpt))
     assert (prompts, think) == (saved, False)
-    assert source == f"prompts: {ckpt}/prompts.json (the checkpoint's); reasoning suffix off ({ckpt}/prompts.json " \
-                     f"(the checkpoint's))"
+    assert source == f"prompts: the checkpoint's {ckpt}/prompts.json; reasoning suffix: off, from the same file"
     # --prompts wins for the prompts; the suffix still follows the checkpoint unless --think / --no-think
     prompts, think, source = common.resolve_prompts(str(ckpt), str(toy))
     assert (prompts["score"], prompts["compare_labels"], think) == (common.PROMPTS["score"], ["A", "B"], False)
-    assert source.startswith(f"prompts: {toy} (--prompts); reasoning suffix off")
+    assert source == f"prompts: --prompts {toy}; reasoning suffix: off, from the checkpoint's {ckpt}/prompts.json"
     prompts, think, source = common.resolve_prompts(str(ckpt), None, True)
-    assert (prompts, think) == (saved, True) and source.endswith("reasoning suffix on (--think)")
+    assert (prompts, think) == (saved, True) and source.endswith("reasoning suffix: on, from --think")
     (ckpt / "prompts.json").write_text(json.dumps({"think": "no"}))
     with pytest.raises(ValueError, match="prompts.json: think must be true or false"):
         common.resolve_prompts(str(ckpt))

@@ -141,7 +141,8 @@ def test_a_demo_checkpoint_evaluated_without_flags_asks_as_it_was_trained(demo, 
     argv = ["--model", os.path.join(out, "round1", "final"), "--data", f"heldout={out}/heldout.jsonl", "--samples", "2",
             "--temperature", "1.0", "--max-new-tokens", "2", "--batch-images", "64"]
     evaluate.main(argv + ["--out", str(tmp_path / "plain")])
-    assert f"prompts: {out}/round1/final/prompts.json (the checkpoint's); reasoning suffix off" in capsys.readouterr().out
+    assert f"prompts: the checkpoint's {out}/round1/final/prompts.json; reasoning suffix: off, from the same file" \
+        in capsys.readouterr().out
     ours, demos = (evaluate.read_jsonl(os.path.join(d, "scores.jsonl")) for d in (tmp_path / "plain", f"{out}/eval/round1"))
     assert [r["scores"] for r in ours] == [r["scores"] for r in demos]
     assert sum(r["score"] is not None for r in ours) > 90  # of 104: real answers, so the comparison can fail

@@ -402,7 +402,7 @@ def test_a_checkpoints_prompts_are_used_and_recorded_as_resolved(pool_dir, tmp_p
             "--out", str(out)]
     vote.main(argv)
     assert len(asked) == 8 and all("Which is better, A or B? You FIRST think" in text for text in asked)
-    assert f"prompts: {ckpt}/prompts.json (the checkpoint's); reasoning suffix on" in capsys.readouterr().out
+    assert f"prompts: the checkpoint's {ckpt}/prompts.json; reasoning suffix: on" in capsys.readouterr().out
     record = json.loads((tmp_path / "v.jsonl.args.json").read_text())
     assert record["prompts"]["compare_labels"] == ["A", "B"] and record["no_think"] is False
     vote.main(argv + ["--prompts", str(ckpt / "prompts.json"), "--think"])  # the same, spelled out: nothing to redo

@@ -2,8 +2,9 @@
 The CPU demo's toy world, in the spirit of nanoGPT's data/*/prepare.py: real photographs that come with
 scikit-image, cut into many small references, distorted by distort.py at every level, and a toy base model.
 
-    python toy/prepare.py --out runs/demo                      # the demo's world (~2 minutes on 2 cores)
-    python toy/prepare.py --out /tmp/toy --crops 1 --steps 20  # seconds: the plumbing only
+    python toy/prepare.py --out runs/demo                                # the demo's world (~2 minutes, 2 cores)
+    python toy/prepare.py --out /tmp/toy --crops 1 --steps 40 --lr 5e-3  # seconds: a small world whose base
+                                                                         # answers validly (the stages' examples)
 
 Writes
     <out>/refs/{train,heldout}/<photo>_<i>.png   random crops, split by photograph (no photo in both)
