@@ -42,8 +42,9 @@ names carry no level and its 'mos' holds DMOS); else the column name ('dmos' low
 
 Outputs in --out: scores.jsonl (one row per image: dataset, line of the label file, image, path, mos, parsed
 scores, score, std, and with --save-text the completions), report.json, run.json (the scoring settings, the prompt as
-resolved included: a resumed run must match them). The prompts are --prompts / --think / --no-think, else the
---model checkpoint's own prompts.json (train_grpo.py and toy/prepare.py write one), else the paper's Table 1. A killed run resumes where it stopped: finished images are never rescored.
+resolved included: a resumed run must match them). A killed run resumes where it stopped: finished images are
+never rescored. The prompts are --prompts / --think / --no-think, else the --model checkpoint's own prompts.json
+(train_grpo.py and toy/prepare.py write one), else the paper's Table 1; the run prints which.
 """
 
 import argparse
