@@ -79,7 +79,7 @@ def main(argv=None):
         m, tok, cfg = common.load_model(os.path.join(args.world, "base") if model is None else
                                         os.path.join(args.out, model), "cpu", "float32")
         pool, images = prepare.load_pool(args.world, "heldout", cfg)
-        row["expected"] = prepare.score_figures(m, tok, prompts, pool, images)
+        row["expected"] = prepare.score_figures(prepare.expected_scores(m, tok, prompts, pool, images), pool)
         res["rows"][key] = row
     res["seconds"] = {}
     if os.path.exists(os.path.join(args.out, "timings.tsv")):
