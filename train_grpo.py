@@ -136,6 +136,7 @@ def parse_args(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue from the newest complete <out>/step_<N>, with the "
                     "same arguments (those that may change say so)")
     args = ap.parse_args(argv)
+    args.no_think = args.think is False  # main() resolves it against the --model checkpoint
     if args.dtype != "float32":
         # measured on N(0, 0.02) weights (the config's initializer_range) and on a model built from the 7B config.json:
         # 0.49% and 0.50% of bf16 weights change in one AdamW step at lr 3e-7
@@ -594,6 +595,16 @@ def stop_unless_finite(step, out, **values):
 # -----------------------------------------------------------------------------
 
 
+def resume_record(args, prompts):
+    """
+    What a --resume must match, written to each checkpoint's args.json: every argument but those whose help says they
+    may change, with the prompts and the suffix (args.no_think) as resolved, not as flagged, so that a resume cannot
+    mix two ways of asking (policy.save also writes them to the checkpoint's prompts.json).
+    """
+    return {k: v for k, v in vars(args).items() if k not in MAY_CHANGE_ON_RESUME | {"prompts", "think"}} | \
+        dict(prompts=prompts)
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = common.dist_setup()
@@ -611,10 +622,7 @@ def main(argv=None):
         raise SystemExit(f"{len(units)} {unit} cannot fill one step of {per_rank} per rank x {world} ranks")
     total = steps_per_epoch * args.epochs if not args.max_steps else min(args.max_steps, steps_per_epoch * args.epochs)
 
-    # what a --resume must match: every argument but those whose help says they may change; the prompts as resolved
-    # (a checkpoint's prompts.json holds them), not the flags, so that a resume cannot mix two ways of asking
-    record = {k: v for k, v in vars(args).items() if k not in MAY_CHANGE_ON_RESUME | {"prompts", "think"}}
-    record["prompts"] = prompts
+    record = resume_record(args, prompts)
     resume_dir = policy.latest_checkpoint(args.out) if args.resume else None
     saved = policy.check_resume(resume_dir, record, world) if resume_dir else None
     policy.init_single_process(device)  # one CUDA process: FSDP2 on one rank, the same path as torchrun's

@@ -658,7 +658,7 @@ def test_resume_refuses_other_arguments_and_names_them(tmp_path, reference_run):
     # those whose help says so may change (checked without running: this is the check main runs first)
     args = train_grpo.parse_args(base + ["--max-steps", "9", "--save-every", "3", "--keep", "5", "--save-dtype",
                                         "bfloat16", "--no-grad-checkpointing"])
-    record = {k: v for k, v in vars(args).items() if k not in train_grpo.MAY_CHANGE_ON_RESUME}
+    record = train_grpo.resume_record(args, common.resolve_prompts(args.model, args.prompts, args.think)[0])
     assert policy.check_resume(str(run / "step_4"), record, 1)["step"] == 4
     with pytest.raises(SystemExit, match=r"written by 1 rank\(s\), this run has 2: --resume needs the same world size"):
         policy.check_resume(str(run / "step_4"), record, 2)
