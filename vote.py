@@ -2,7 +2,8 @@
 Offline stage of EvoQuality (paper Sec. 3.1, Algorithm 1 lines 2-5): the current model votes K times on each
 image pair with the compare prompt (Table 1), and majority voting gives the pseudo-label p* (Eq. 1).
 
-    # round 1: 20,000 random pairs of authentic images, K = 32, T = 1.0 (paper Sec. 4.1)
+    # round 1: 20,000 random pairs of authentic images, K = 32, T = 1.0 (paper Sec. 4.1); pool/ is distort.py's
+    # output from your photos (KonIQ-10k's in the paper), the model comes from the hub
     python vote.py --model Qwen/Qwen2.5-VL-7B-Instruct --manifest pool/manifest.jsonl --mode random \\
         --source authentic --pairs 20000 --k 32 --out round1/votes.jsonl
     torchrun --standalone --nproc_per_node=8 vote.py --model Qwen/Qwen2.5-VL-7B-Instruct \\

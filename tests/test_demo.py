@@ -44,6 +44,7 @@ def test_demo_writes_every_stage_output(demo):
             assert os.path.isfile(os.path.join(out, "eval", model, name)), (model, name)
     with Image.open(os.path.join(out, "sheet.png")) as sheet:  # 2 crops x 5 types: rows of 112-pixel crops
         assert sheet.format == "PNG" and sheet.width > 6 * 112 and sheet.height > 10 * 112
+        assert sheet.mode == "P"  # 256 colours: the README's copy stays small
 
 
 def test_demo_prints_the_table_and_a_json_line(demo):
@@ -188,3 +189,21 @@ def test_vote_accuracy_counts_votes_ties_and_argmax(tmp_path):
     assert acc["single"] == pytest.approx(5 / 8)
     assert acc["majority"] == pytest.approx(0.5) and acc["ties"] == pytest.approx(0.5)
     assert acc["argmax"] == pytest.approx(3 / 4)
+
+
+def test_the_toy_scripts_end_in_one_line_without_the_demos_files(tmp_path, monkeypatch):
+    """toy/report.py, toy/sheet.py and toy/ablation_report.py, run as scripts on a folder demo.sh has not filled: one
+    line naming the missing file, not a traceback."""
+    import runpy
+
+    out = str(tmp_path / "nodemo")
+    for script, missing in (("report", "heldout.jsonl"), ("sheet", "pool/heldout/manifest.jsonl"),
+                            ("ablation_report", "heldout.jsonl"), ("sheet", "eval/*/expected.jsonl: none found")):
+        if script == "sheet" and missing.startswith("eval"):  # a world, but no model evaluated yet
+            os.makedirs(os.path.join(out, "pool", "heldout"))
+            open(os.path.join(out, "pool", "heldout", "manifest.jsonl"), "w").close()
+        monkeypatch.setattr(sys, "argv", [f"{script}.py", "--out", out] + (["--world", out] if script[0] == "a" else []))
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(os.path.join(ROOT, "toy", f"{script}.py"), run_name="__main__")
+        assert str(e.value).startswith(f"{script}.py: error: {out}/{missing}"), e.value
+        assert "\n" not in str(e.value)

@@ -121,4 +121,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)
