@@ -14,9 +14,9 @@ image pair with the compare prompt (Table 1), and majority voting gives the pseu
     # CPU, from a fresh clone: a toy pool (seconds; see toy/prepare.py), then the tiny random-weight model (its
     # votes are noise, the plumbing is real) and the toy base model (its prompts.json: A / B labels, no suffix)
     python toy/prepare.py --out /tmp/toy --crops 1 --steps 40 --lr 5e-3
-    python vote.py --model tiny --manifest /tmp/toy/pool/train/manifest.jsonl --pairs 10 --k 4 \
+    python vote.py --model tiny --manifest /tmp/toy/pool/train/manifest.jsonl --pairs 10 --k 4 \\
         --max-new-tokens 16 --out /tmp/v.jsonl
-    python vote.py --model /tmp/toy/base --manifest /tmp/toy/pool/train/manifest.jsonl --mode same-ref \
+    python vote.py --model /tmp/toy/base --manifest /tmp/toy/pool/train/manifest.jsonl --mode same-ref \\
         --pairs 100 --k 16 --out /tmp/toy/votes.jsonl
 
 Each pair's K queries are split evenly between the two orders (a first, b first): K//2 each, the odd one's
