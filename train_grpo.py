@@ -9,9 +9,10 @@ pseudo-labels with the fidelity reward. One run = one round: start from --model,
     # more nodes: torchrun's own flags (--nnodes, --node-rank, --rdzv-endpoint); nothing else changes
     # one GPU: the same FSDP2 path on one rank; one CPU process: plain fp32 modules
     python train_grpo.py --model Qwen/Qwen2.5-VL-3B-Instruct --labels round1/votes.jsonl --out round1/
-    # a toy run on CPU with the built-in tiny model, on the votes of vote.py's CPU example (see its docstring)
-    python train_grpo.py --model tiny --labels /tmp/v.jsonl --image-root /tmp/toy/pool/train --out /tmp/grpo \
-        --k 4 --max-new-tokens 16 --batch-pairs 2 --lr 1e-3 --max-steps 4
+    # CPU, from a fresh clone: the toy base model on its own votes, those of vote.py's CPU example (see its
+    # docstring; the tiny random-weight model's votes are all invalid, so none of its pairs would train)
+    python train_grpo.py --model /tmp/toy/base --labels /tmp/toy/votes.jsonl --image-root /tmp/toy/pool/train \
+        --out /tmp/grpo --k 4 --max-new-tokens 2 --batch-pairs 2 --lr 1e-3 --max-steps 4
 
 Image paths in a labels file are relative to --image-root (default: that labels file's directory, where
 vote.py's manifest and votes sit). The run writes <out>/metrics.jsonl, <out>/step_<N>/ (a Hugging Face
