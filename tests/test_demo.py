@@ -90,6 +90,7 @@ def test_demo_rerun_skips_finished_steps_and_keeps_the_first_wall_time(demo):
     with open(os.path.join(out, "report.json")) as f:
         again = json.load(f)
     assert again["seconds_wall"] == first["seconds_wall"] > 0 and again["seconds"] == first["seconds"]
+    assert again["models"] == first["models"]  # the expected scores read back from eval/<model>/expected.jsonl
     with open(os.path.join(out, "demo.log")) as f:  # the main line's output, both runs
         log = f.read()
     assert log.count("== demo.sh, DEMO_SCALE=test") == 2 and "== round 1 grpo: grpo" in log

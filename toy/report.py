@@ -97,10 +97,15 @@ def eval_figures(folder, truth):
 def expected_figures(out, key, prompts_path=None):
     """prepare.score_figures of one model on the held-out pool (None if the model is not there), asked with the
     checkpoint's own prompts unless --prompts; each image's expected score goes to <out>/eval/<key>/expected.jsonl
-    (toy/sheet.py draws them)."""
+    (toy/sheet.py draws them), and a rerun reads them back unless the checkpoint is newer or --prompts is given."""
     path = os.path.join(out, CHECKPOINTS[key])
     if not os.path.isdir(path):
         return None
+    done = os.path.join(out, "eval", key, "expected.jsonl")
+    if prompts_path is None and os.path.exists(done) and \
+            os.path.getmtime(done) > os.path.getmtime(os.path.join(path, "model.safetensors")):
+        rows = common.read_jsonl(os.path.join(out, "pool", "heldout", "manifest.jsonl"))
+        return prepare.score_figures({r["image"]: r["expected"] for r in common.read_jsonl(done)}, rows)
     model, tok, cfg = common.load_model(path, "cpu", "float32")
     prompts = common.resolve_prompts(path, prompts_path, False)[0]  # the expected score needs one-token answers
     rows, images = prepare.load_pool(out, "heldout", cfg)
