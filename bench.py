@@ -34,13 +34,8 @@ Stages, each printed as a table, then ONE JSON line with every number:
            grpo's is, each side in its own process), decode ms per token, and vote.py pairs/s with reasoning (its
            vote_batch through either path), each against its target (PASS / MISS). On CUDA also decode tokens/s
            against the floor a step's bytes set: the text weights + one prompt copy per request + the rows' tokens
-  memory   (only when named) peak bytes per rank of each phase of a training step (start-up, rollouts, reference
-           log-probs, policy forward + backward, optimizer step, save) against --budget, for --shape on --world ranks:
-           train_grpo's and common's code under FakeTensorMode with torch's memory trackers on a fake process
-           group, at the real width and token counts with 1-3 decoder layers and vision blocks, extrapolated per layer
-           and block (the fit's prediction of the 3-layer measurement is printed; the rollouts' weight gather is
-           measured at full depth); shards and the start-up and save transfers are arithmetic. Which is which is
-           printed beside the table
+  memory   (only when named) memplan.py's plan of --shape on --world ranks: the peak bytes per rank of each phase of
+           a training step against --budget, measured without a GPU (see memplan.py)
 
 Shapes: tiny (common's built-in model); small (random weights, a width where a CPU is arithmetic-bound);
 7b and 3b (Qwen2.5-VL-7B-Instruct's and -3B-Instruct's config.json values, random bf16 weights, CUDA only but for
@@ -52,7 +47,6 @@ import argparse
 import contextlib
 import copy
 import functools
-import inspect
 import json
 import math
 import os
@@ -64,16 +58,12 @@ import time
 
 import numpy as np
 import torch
-import torch._subclasses.fake_tensor as fake_tensor
 from PIL import Image
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed.tensor import DTensor
-from torch.utils._mode_utils import no_dispatch
 
 import common
 import distort
 import evaluate
-import policy
+import memplan
 import train_grpo
 import vote
 
@@ -123,10 +113,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=2, help="timed GRPO steps per side (after one warm-up step)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one GRPO side, run by the parent
     # memory plan
-    p.add_argument("--world", type=int, default=8, help="ranks the model is sharded over (memory; paper: 8)")
-    p.add_argument("--image-size", default="1024x768", help="WxH of every image (memory; KonIQ's 1024x768)")
-    p.add_argument("--budget", type=float, default=64,
-                   help="GiB per rank a phase may peak at (memory; issue 13's 64 for 80 GB cards, 32 for 40 GB)")
+    memplan.add_arguments(p)  # --world, --image-size, --budget
     return p.parse_args(argv)
 
 
@@ -161,9 +148,8 @@ def build_model(shape, device):
     return model.eval(), tok, cfg, vote_side, grpo_side
 
 
-def model_config(shape, tok, layers=None, vision_depth=None):
-    """The Qwen2.5-VL config of a shape around `tok`'s special tokens, optionally cut to fewer decoder layers and
-    vision blocks (all windowed then)."""
+def model_config(shape, tok):
+    """The Qwen2.5-VL config of a shape around `tok`'s special tokens."""
     from transformers import Qwen2_5_VLConfig
 
     s = SHAPES[shape][0]
@@ -171,16 +157,15 @@ def model_config(shape, tok, layers=None, vision_depth=None):
     hd = s["hidden"] // s["heads"]
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=s["vocab"] or len(tok), hidden_size=s["hidden"], intermediate_size=s["ffn"],
-                         num_hidden_layers=layers or s["layers"], num_attention_heads=s["heads"],
-                         num_key_value_heads=s["kv_heads"], max_position_embeddings=128000, rms_norm_eps=1e-6,
+                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                         max_position_embeddings=128000, rms_norm_eps=1e-6,
                          rope_parameters=dict(rope_type="default", rope_theta=1e6,
                                               mrope_section=[hd // 8, 3 * hd // 16, 3 * hd // 16]),
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                          pad_token_id=ids["<|endoftext|>"], initializer_range=s["std"]),
-        vision_config=dict(depth=vision_depth or s["vision_depth"], hidden_size=s["vision_hidden"],
-                           intermediate_size=s["vision_ffn"], num_heads=s["vision_heads"], out_hidden_size=s["hidden"],
-                           window_size=112, fullatt_block_indexes=[] if vision_depth else s["fullatt"],
-                           initializer_range=s["std"]),
+        vision_config=dict(depth=s["vision_depth"], hidden_size=s["vision_hidden"], intermediate_size=s["vision_ffn"],
+                           num_heads=s["vision_heads"], out_hidden_size=s["hidden"], window_size=112,
+                           fullatt_block_indexes=s["fullatt"], initializer_range=s["std"]),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=s.get("tied", False), initializer_range=s["std"])
@@ -652,306 +637,7 @@ def _bench_decode(model, tok, cfg, side, a, device, root):
 
 
 # -----------------------------------------------------------------------------
-# stage: the memory plan. What each phase of a GRPO step holds per rank, for any shape, world size and setting,
-# found without the GPUs: policy's, train_grpo's and common's own code runs under FakeTensorMode (tensors with shapes
-# and no data, so no memory and little time) with torch's memory trackers (MemTracker, FSDPMemTracker), this process
-# being rank 0 of a fake process group of --world ranks, at the real width, image size and token counts but with 1-3
-# decoder layers and vision blocks; each phase's peaks are fitted per layer and per block and extrapolated to the full
-# depth. Shards of parameters, gradients and AdamW's state are arithmetic (and the trackers must agree with it).
-
-MEMORY_DEPTHS = [(1, 1), (2, 1), (1, 2), (3, 3)]  # (decoder layers, vision blocks): fit on the first 3, check the last
-SHAPE_MODE_REAL = 1 << 28  # elements: the largest integer/bool tensor kept real (a micro-batch's 4-D attention mask)
-GIB = 2 ** 30
-
-
-class ShapeMode(FakeTensorMode):
-    """
-    FakeTensorMode in which the small integer and boolean tensors built from Python data stay real: token ids,
-    masks, positions, image grids. The real code's data-dependent steps (rope positions, the vision tower's windows,
-    .tolist(), a mask's .all()) then run as they do on a GPU, while every tensor made from the weights or the pixels
-    stays fake. (FakeTensorMode itself keeps only one-element tensors real.)
-    """
-
-    def dispatch(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if (isinstance(func, torch._ops.OpOverload) and any(x.name == "device" for x in func._schema.arguments)
-                and torch.Tag.nondeterministic_seeded not in func.tags
-                and not any(isinstance(x, torch.Tensor) for x in torch.utils._pytree.tree_leaves((args, kwargs)))
-                and torch.device(kwargs.get("device") or "cpu").type == "cpu"):
-            with no_dispatch():  # a constructor (zeros, full, arange, ...): its size and dtype on meta first
-                meta = func(*args, **{**kwargs, "device": "meta"})
-                real = (func(*args, **kwargs) if isinstance(meta, torch.Tensor) and not meta.dtype.is_floating_point
-                        and meta.numel() <= SHAPE_MODE_REAL else None)
-            if real is not None:
-                return self.fake_tensor_converter.from_real_tensor(self, real, make_constant=True)
-        return super().dispatch(func, types, args, kwargs)
-
-
-@contextlib.contextmanager
-def shape_mode():
-    """ShapeMode, its real tensors allowed up to SHAPE_MODE_REAL elements, and transformers' input checks that read
-    tensor values (image tokens vs image features) off: the fake image features have no values to compare."""
-    limit, check = fake_tensor.CONSTANT_NUMEL_LIMIT, os.environ.get("TRANSFORMERS_DISABLE_TORCH_CHECK")
-    fake_tensor.CONSTANT_NUMEL_LIMIT, os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = SHAPE_MODE_REAL, "1"
-    try:
-        with ShapeMode(allow_non_fake_inputs=True):
-            yield
-    finally:
-        fake_tensor.CONSTANT_NUMEL_LIMIT = limit
-        if check is None:
-            del os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"]
-        else:
-            os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = check
-
-
-@contextlib.contextmanager
-def fake_ranks(world):
-    """This process as rank 0 of `world` ranks whose collectives move nothing (torch's fake process group)."""
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-def memory_model(config, reference, checkpointing):
-    """
-    A model of `config` in fake tensors as policy.load makes it on CUDA: policy.shard's FSDP2 units, weights gathered
-    in bf16 and gradients reduced in fp32; the policy's master weights fp32, the reference's bf16 and frozen.
-    """
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16 if reference else torch.float32)
-    try:
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default)
-    if checkpointing:
-        policy.enable_checkpointing(model)
-    policy.shard(model, torch.device("cuda"), reference=reference)  # the device only picks the precision
-    if not reference:  # as policy.fill does for a model that will be sampled: FSDP picks its root on a first forward
-        with torch.no_grad():
-            model(input_ids=torch.zeros(1, 1, dtype=torch.long))
-        model.reshard()
-    return model.train(not reference)
-
-
-def tracked_peak(model, optimizer, fn, then=None, inputs=(), fsdp=False):
-    """
-    {kind: bytes} on this rank at the peak of then(fn()), "Total" their sum: the policy `model`'s shards, gradients
-    and AdamW state, `inputs` (tensors made before) and everything they allocate. By torch's MemTracker, or by its
-    FSDPMemTracker (`fsdp`) where the run is the frozen reference's, whose parameters MemTracker cannot hook: that one
-    swaps FSDP's hooks for its own, which changes how a grouped unit (a tied embedding and lm_head) runs, so it only
-    watches a model that does not run, and last. A backward goes in `then`: the trackers follow the modules' nesting,
-    and a backward inside the module call below would break it.
-    """
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed._tools.mem_tracker import MemTracker
-    from torch.distributed.fsdp import FSDPModule
-
-    if fsdp:
-        tracker = FSDPMemTracker(model, optimizer)
-        tracker.track_inputs(inputs)
-    else:
-        tracker = MemTracker()
-        tracker.track_external(model, optimizer, *torch.utils._pytree.tree_leaves(inputs))
-    outer = torch.nn.Module()  # the tracker takes a second call of the root for a new step: nest fn in a module call
-    outer.forward = fn
-    with tracker:
-        out = outer()
-        if then is not None:
-            then(out)
-    cpu = torch.device("cpu")
-    peak = {getattr(k, "value", k): v for k, v in tracker.get_tracker_snapshot("peak")[cpu].items()}
-    # and the peak inside each kind of unit, forward and backward: one part of a phase can peak below another with
-    # 1-3 layers and above it with 28 (the gradients FSDP holds for every layer until the prompt's backward), so each
-    # is fitted on its own
-    layers, blocks = set(model.model.language_model.layers), set(model.model.visual.blocks)
-    for module, stats in tracker.memory_tracking.items():
-        kind = "decoder layers" if module in layers else "vision blocks" if module in blocks else "other units"
-        for state, snaps in stats.snapshots.items() if isinstance(module, FSDPModule) else ():
-            if state.value.startswith("Peak"):
-                key = f"in the {kind}, {state.value.replace('-', ' ').split()[1].lower()}"
-                peak[key] = max([peak.get(key, 0)] + [s[cpu]["Total"] for s in snaps if cpu in s])
-    return peak
-
-
-class PrefillDone(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def split_at_prefill():
-    """
-    common.sample in two parts: the first call of common.prefill keeps its outputs and ends the sample (PrefillDone);
-    the later ones return those outputs, so the decode runs with the prefill's results held but without its passing
-    memory. Yields the kept outputs.
-    """
-    real, kept = common.prefill, []
-
-    def prefill(*args, **kw):
-        if kept:
-            return kept[0]
-        kept.append(real(*args, **kw))
-        raise PrefillDone
-    common.prefill = prefill
-    try:
-        yield kept
-    finally:
-        common.prefill = real
-
-
-def rollout_peak(model, optimizer, tok, plan, part, layout=None, inputs=()):
-    """
-    Peak {kind: bytes} of one part of the rollouts, run by policy.generate. The parts, each linear in the depth
-    (their maximum is not: with 1-3 layers a unit's gather or the prefill of the images is above the decode, with 28
-    the KV cache is far above them): "gather", generate's gather of every unit, common.sample doing nothing; "sample",
-    common.sample alone, the gathered weights held (under split_at_prefill: its prefill, then its decode with
-    `layout`).
-    """
-    real, peak = common.sample, {}
-    shards = list(model.parameters())  # once gathered, the model's parameters are the gathered weights
-
-    def sample(gathered_model, *args, **kw):
-        def run():
-            with contextlib.suppress(PrefillDone), forced_tokens(tok, 3):
-                real(gathered_model, *args, **kw)
-        if part == "sample":
-            peak.update(tracked_peak(model, optimizer, run, inputs=(shards, *inputs)))
-    common.sample = sample
-
-    def gather():
-        policy.generate(model, tok, plan["requests"], plan["images"], n=plan["k"], max_new_tokens=plan["completion"],
-                        **({} if layout is None else dict(shared_prefix=layout)))
-    try:
-        if part == "gather":
-            return tracked_peak(model, optimizer, gather, fsdp=True)  # the gather runs no module
-        gather()
-        return peak
-    finally:
-        common.sample = real
-
-
-@contextlib.contextmanager
-def forced_tokens(tokenizer, steps):
-    """
-    common.next_token still runs (its softmax over the vocabulary is part of the peak), but every row gets a fixed
-    token (fake logits have no values to sample from), and the stop token at call `steps`. The KV cache is
-    preallocated for every new token, so the first decode steps hold what the last one does, but for the attention
-    over the rows' own tokens, which grows with the step (stated beside the table).
-    """
-    real, stop, filler, calls = common.next_token, tokenizer.convert_tokens_to_ids("<|im_end|>"), \
-        tokenizer.convert_tokens_to_ids("a"), [0]
-
-    def fixed(logits, *args, **kw):
-        real(logits, *args, **kw)
-        calls[0] += 1
-        return torch.full(logits.shape[:1], stop if calls[0] == steps else filler, dtype=torch.long)
-    common.next_token = fixed
-    try:
-        yield
-    finally:
-        common.next_token = real
-
-
-def measure_depth(shape, tok, layers, blocks, plan):
-    """(peak {kind: bytes} of each measured phase, parameter shapes), with `layers` decoder layers and `blocks`
-    vision blocks."""
-    with shape_mode():
-        model = memory_model(model_config(shape, tok, layers, blocks), False, plan["checkpointing"])
-        ref = memory_model(model_config(shape, tok, layers, blocks), True, False)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)  # what it picks on CUDA
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p)
-        optimizer.step()  # from the second step on, AdamW's two moments exist in every phase
-        optimizer.zero_grad(set_to_none=True)
-        # and the reference's root unit is gathered: FSDP keeps a root's weights after its forward for the backward,
-        # which the reference never runs, so its first forward leaves them (patch embedding, final norm) for good
-        ref.unshard()
-        shapes = [tuple(p.shape) for p in model.parameters()]
-        # the reference is not the trackers' model: its shards (arithmetic) and its gathered root (its live tensors)
-        held = held_bytes([], [], shapes, plan["world"]) + sum(p.untyped_storage().nbytes() for p in ref.parameters()
-                                                               if not isinstance(p, DTensor))
-        peaks, images, rows = {}, plan["images"], plan["chunk"]
-        with split_at_prefill() as kept:
-            peaks[("rollouts", "prefill")] = rollout_peak(model, optimizer, tok, plan, "sample")
-            logits, cache, mask, positions = kept[0]
-            for layout in plan["layouts"]:
-                peaks[("rollouts", layout)] = rollout_peak(model, optimizer, tok, plan, "sample", layout, inputs=(
-                    logits, mask, positions, [(layer.keys, layer.values) for layer in cache.layers]))
-            del logits, cache, mask, positions, kept[:]
-        logprobs = train_grpo.shared_prefix_logprobs
-        for p in model.parameters():  # from the second micro-batch on, the gradients exist
-            p.grad = torch.zeros_like(p)
-
-        def forward():  # train_grpo's micro-batch (one update per batch: pi_old = the policy)
-            logp, mask = logprobs(model, rows, images, 1.0)
-            return train_grpo.grpo_loss(logp, logp.detach(), torch.zeros_like(logp), torch.randn(len(rows)), mask,
-                                        0.2, 0.05)[0]
-        peaks["policy forward + backward"] = tracked_peak(model, optimizer, forward, lambda loss: loss.backward())
-        optimizer.zero_grad(set_to_none=True)  # the reference runs before the policy's backward, with no gradients
-        peaks["reference log-probs"] = tracked_peak(model, optimizer, fsdp=True,
-                                                    fn=lambda: torch.no_grad()(logprobs)(ref, rows, images, 1.0))
-        for p in peaks.values():
-            p.update({k: v + held for k, v in p.items() if k == "Total" or k.startswith("in the")}, Reference=held)
-        return peaks, shapes
-
-
-def full_depth(shape, tok, plan):
-    """
-    (peak bytes of the rollouts' gather above the policy's shards, parameter shapes, parameters of a decoder layer)
-    at the full depth: the gather is a few operations, so it is measured there rather than fitted (its peak is one
-    unit's gather buffer on top of the units gathered before it: with few layers the largest unit's, at full depth
-    the last one's).
-    """
-    with shape_mode():
-        model = memory_model(model_config(shape, tok), False, plan["checkpointing"])
-        peak = rollout_peak(model, torch.optim.AdamW(model.parameters()), tok, plan, "gather")
-        return (peak["Total"] - peak["Sharded Param"], [tuple(p.shape) for p in model.parameters()],
-                sum(p.numel() for p in model.model.language_model.layers[0].parameters()))
-
-
-def shard_numel(shapes, world):
-    """Elements of rank 0's FSDP2 shards: each parameter split on dim 0 into `world` chunks, rank 0's the largest
-    (every rank's storage is padded to it)."""
-    return sum(math.ceil(s[0] / world) * math.prod(s[1:]) for s in shapes)
-
-
-def optimizer_peak(shapes, world):
-    """Peak bytes of the optimizer step on one rank, clip_grad_norm_ then AdamW's foreach step (what it picks on CUDA)
-    then zero_grad, over the rank's fp32 shards: torch's own code on plain tensors of the shards' shapes (FSDP2's
-    DTensors wrap them without copies; on DTensors the tracker would also count the global-shape tensors DTensor
-    makes to propagate shapes)."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    with shape_mode():
-        params = [torch.nn.Parameter(torch.empty(math.ceil(s[0] / world), *s[1:])) for s in shapes]
-        optimizer = torch.optim.AdamW(params, lr=1e-6, foreach=True)
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        optimizer.step()
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        tracker = MemTracker()
-        tracker.track_external(*params, *[p.grad for p in params], optimizer)
-        with tracker:
-            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
-
-
-def process_rss():
-    """Peak RSS of a fresh process that imports the stages (torch, transformers): a rank's host memory before any
-    weight, measured."""
-    code = "import resource, train_grpo; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
-                         capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1]) * 1024
+# stage: the memory plan (memplan.py) of a shape
 
 
 def memory_tokenizer(shape):
@@ -965,147 +651,23 @@ def memory_tokenizer(shape):
     return common.tiny_tokenizer(), "the tiny tokenizer"
 
 
-def memory_plan(a):
-    """The inputs of one rank's GRPO step, built as train_grpo.py builds them: images, rollout requests, and the
-    heaviest log-prob micro-batch (most prompts, then most completions), every completion --completion tokens."""
-    d = train_grpo.parse_args(["--labels", "-", "--out", "-"])  # train_grpo.py's defaults
-    pairs, k, new = a.pairs or d.batch_pairs, a.k or d.k, a.completion or d.max_new_tokens
-    micro = a.micro_batch or d.micro_batch
-    w, h = (int(x) for x in a.image_size.lower().split("x"))
-    tok, tok_name = memory_tokenizer(a.shape)
-    rng = np.random.default_rng(0)
-    images = {i: common.preprocess_image(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)),
-                                         common.IMAGE_CFG) for i in range(2 * pairs)}
-    prompts = common.load_prompts()
-    requests = [(common.encode_prompt(tok, prompts, "score", [images[i][1]]), [i]) for i in images]
-    filler = tok.convert_tokens_to_ids("a")
-    rows = [(ids, i, [filler] * new) for ids, (i,) in requests for _ in range(k)]
-    chunks = np.array_split(np.arange(len(rows)), math.ceil(len(rows) / micro))
-    chunk = max(chunks, key=lambda c: (len({rows[j][1] for j in c}), len(c)))
-    layouts = [True, False] if "shared_prefix" in inspect.signature(common.sample).parameters else [None]
-    return dict(world=a.world, pairs=pairs, k=k, completion=new, micro_batch=micro, images=images, requests=requests,
-                chunk=[rows[j] for j in chunk], layouts=layouts, tokenizer=tok, tokenizer_name=tok_name, size=(w, h),
-                checkpointing=a.grad_checkpointing is not False, prompt=len(requests[0][0]),
-                visual=math.prod(images[0][1]) // common.IMAGE_CFG["merge_size"] ** 2)
-
-
-def held_bytes(trainable, frozen, reference, world, grads=False):
-    """
-    Bytes of rank 0's shards that a step keeps, from parameter shapes: trainable weights as fp32 master weights with
-    AdamW's two fp32 moments and fp32 step count (and fp32 gradients while they exist), frozen weights in bf16, and a
-    separate reference's bf16 weights (none where the reference is the policy itself, e.g. with adapters switched off).
-    """
-    return (shard_numel(trainable, world) * (4 + 8 + (4 if grads else 0)) + 4 * len(trainable)
-            + 2 * shard_numel(frozen, world) + 2 * shard_numel(reference, world))
+def write_shape(shape, out):
+    """A checkpoint directory of `shape` without weights (config.json and tokenizer files), as memplan.plan reads;
+    the name of its tokenizer."""
+    tok, name = memory_tokenizer(shape)
+    model_config(shape, tok).save_pretrained(out)
+    tok.save_pretrained(out)
+    return name
 
 
 def bench_memory(a):
     if a.shape not in SHAPES:
         raise SystemExit(f"--stage memory plans one of the shapes {', '.join(SHAPES)}, not {a.shape}")
-    plan, s, world, t0 = memory_plan(a), SHAPES[a.shape][0], a.world, time.time()
-    tok, B, K, T = plan["tokenizer"], 2 * plan["pairs"], plan["k"], plan["completion"]
-    R, P, budget = B * K, plan["prompt"], a.budget * GIB
-    print(f"\nmemory plan per rank ({a.shape}, {world} ranks): {plan['pairs']} pairs = {B} images of "
-          f"{plan['size'][0]}x{plan['size'][1]} ({plan['visual']} visual tokens, prompts of {P} tokens with "
-          f"{plan['tokenizer_name']}) x K={K} = {R} rollouts of {T} new tokens; log-probs in micro-batches of "
-          f"{plan['micro_batch']} completions (shared-prefix path); activation checkpointing "
-          f"{'on' if plan['checkpointing'] else 'off'}")
-    measured, shapes = {}, {}
-    with fake_ranks(world):
-        for depth in MEMORY_DEPTHS:
-            measured[depth], shapes[depth] = measure_depth(a.shape, tok, *depth, plan)
-            print(f"  measured with {depth[0]} decoder layer(s), {depth[1]} vision block(s) ({time.time() - t0:.0f} s)",
-                  flush=True)
-        gather, full, layer = full_depth(a.shape, tok, plan)
-    opt_peak = optimizer_peak(full, world)
-    held = {d: (held_bytes(sh, [], sh, world), held_bytes(sh, [], sh, world, grads=True)) for d, sh in shapes.items()}
-    held["full"] = (held_bytes(full, [], full, world), held_bytes(full, [], full, world, grads=True))
-    agrees = all(m[key]["Sharded Param"] == 4 * shard_numel(shapes[d], world) and m[key]["OptState"] == 8 * shard_numel(
-        shapes[d], world) + 4 * len(shapes[d]) for d, m in measured.items() for key in ["reference log-probs"])
-    total, largest, n = sum(math.prod(x) for x in full), max(math.prod(x) for x in full), shard_numel(full, world)
-    kv_token = 2 * s["layers"] * s["kv_heads"] * (s["hidden"] // s["heads"]) * 2  # bytes per token (bf16 keys, values)
-    kv = {True: (B * P + R * T) * kv_token,  # issue 12: one prompt copy per request, each row's room for T tokens
-          False: (B * P + 2 * R * P + R * T) * kv_token}  # today, while the cache is built: the prefill's, the
-    kv[None] = kv[False]  # gathered copies per row, and the rows' buffers with room for T tokens
-    layouts = {True: "one prompt copy (issue 12)", False: "prompt copied per row",
-               None: "prompt copied per row (today)"}
-    rss = process_rss()
-    full_rest, check, last = {}, [], MEMORY_DEPTHS[-1]
-    for key in measured[last]:
-        grads = key == "policy forward + backward"
-
-        def fit(part, layers, blocks):  # the part's peak, less the shards, linear in the layers and the blocks
-            rest = {d: measured[d][key][part] - held[d][grads] for d in MEMORY_DEPTHS}
-            return (rest[(1, 1)] + (rest[(2, 1)] - rest[(1, 1)]) * (layers - 1)
-                    + (rest[(1, 2)] - rest[(1, 1)]) * (blocks - 1))
-        # the whole phase's peak and that inside each kind of unit, each fitted; the phase's is the highest
-        parts = [p for p in measured[last][key] if p == "Total" or p.startswith("in the")
-                 and all(p in m[key] for m in measured.values())]
-        at = max(parts, key=lambda p: fit(p, s["layers"], s["vision_depth"]))
-        full_rest[key] = fit(at, s["layers"], s["vision_depth"])
-        # the check of what the extrapolation rests on: the fit of the part highest at full depth, at (3, 3)
-        predicted, got = held[last][grads] + fit(at, *last), measured[last][key][at]
-        name = key if isinstance(key, str) else "rollouts: " + ("prefill" if key[1] == "prefill" else
-                                                                "decode, " + layouts[key[1]])
-        check.append(dict(phase=name, part=at, predicted_gib=predicted / GIB, measured_gib=got / GIB,
-                          error=abs(predicted - got) / got))
-    if None in plan["layouts"]:  # common.sample has no shared_prefix= yet: today's decode, with the layout's KV
-        full_rest[("rollouts", True)] = full_rest[("rollouts", None)] - kv[None] + kv[True]
-    # the gather, measured at full depth on the policy alone: with the reference's gathered root unit, as the others
-    ref_root = measured[last]["reference log-probs"]["Reference"] - held_bytes([], [], shapes[last], world)
-    full_rest[("rollouts", "gather")] = gather + ref_root
-    parts = {k[1]: v for k, v in full_rest.items() if isinstance(k, tuple)}
-    rows = [dict(phase=f"rollouts, {name}", how="estimated" if layout and None in plan["layouts"] else "measured",
-                 shards=held["full"][False], kv=kv[layout], target=budget,
-                 rest=max(parts["gather"], parts["prefill"], parts[layout]))
-            for layout, name in layouts.items() if layout in parts]
-    rows += [dict(phase=key, how="measured", shards=held["full"][key == "policy forward + backward"], kv=0,
-                  target=budget, rest=full_rest[key]) for key in full_rest if isinstance(key, str)]
-    host_target = 2 * total + 6 * n  # one bf16 copy and the shards (the policy's fp32, the reference's bf16)
-    rows = [dict(phase="start-up, host (rank 0)", how="computed", shards=0, rest=rss + 2 * total, kv=0,
-                 target=host_target),
-            dict(phase="start-up, device", how="computed", shards=6 * n, rest=2 * largest + 4 * largest // world, kv=0,
-                 target=budget)] + rows + [
-            dict(phase="optimizer step", how="measured", shards=held["full"][True], kv=0, target=budget,
-                 rest=opt_peak - (held["full"][True] - 2 * n)),  # it ran over all the shards but the reference's
-            dict(phase="save, device", how="computed", shards=held["full"][False], kv=0, target=budget,
-                 rest=2 * largest + 2 * largest // world),
-            dict(phase="save, host (rank 0)", how="computed", shards=0, rest=rss + 2 * total, kv=0, target=host_target)]
-    print(f"  {'phase':40s} {'how':>9s} {'shards':>7s} {'rest':>7s} {'of it KV':>8s} {'peak':>7s} {'target':>7s}  GiB")
-    for r in rows:
-        r.update(peak=r["shards"] + r["rest"])
-        r.update({k: r[k] / GIB for k in ("shards", "rest", "kv", "peak", "target")}, fits=r["peak"] <= r["target"])
-        print(f"  {r['phase']:40s} {r['how']:>9s} {r['shards']:7.2f} {r['rest']:7.2f} {r['kv']:8.2f} {r['peak']:7.2f} "
-              f"{r['target']:7.2f}  {'PASS' if r['fits'] else 'MISS'}")
-    print(f"  rollouts, the rest part by part: the gather of every unit {parts['gather'] / GIB:.2f} (measured at full "
-          f"depth), the prefill {parts['prefill'] / GIB:.2f}, the decode " + ", ".join(
-              f"{parts[x] / GIB:.2f} ({layouts[x]})" for x in layouts if x in parts) + " GiB")
-    print(f"  shards (computed): the policy's fp32 master weights and AdamW's moments (and fp32 gradients where they "
-          f"exist) and the reference's bf16 weights, 1/{world} each, FSDP2's padding of dim 0 included; FSDPMemTracker "
-          f"saw exactly the policy's and AdamW's at every measured depth: {'yes' if agrees else 'NO'}")
-    print(f"  rest, measured: torch's memory trackers under FakeTensorMode, this process rank 0 of a fake {world}-rank "
-          f"process group, the real code at the real width, image size and token counts with (decoder layers, vision "
-          f"blocks) = {' '.join(f'({x},{y})' for x, y in MEMORY_DEPTHS)}, fitted per layer and per block and "
-          f"extrapolated to ({s['layers']},{s['vision_depth']}); the optimizer step at full depth. Computed: start-up "
-          f"(rank 0 reads the checkpoint once in bf16 and broadcasts a tensor at a time) and save (a parameter at a "
-          f"time gathered in bf16), on a process of {rss / GIB:.2f} GiB before any weight (measured here)")
-    print(f"  not in the figures: the CUDA context, NCCL's and cuBLAS's buffers, the caching allocator's rounding and "
-          f"fragmentation (no GPU here); FSDP's overlap on CUDA streams, one unit gathered ahead and one "
-          f"reduce-scatter behind (computed: {6 * layer / GIB:.2f} GiB for a decoder layer); the decode attention "
-          f"over the rows' own tokens after step 3 (computed: < {R * s['heads'] * T * 8 / GIB:.2f} GiB)")
-    print(f"  extrapolation check: the fit on (layers, blocks) = {' '.join(map(str, MEMORY_DEPTHS[:3]))} predicts "
-          f"{last}; each phase's peak and its peaks inside each kind of unit are fitted, the highest at full depth "
-          f"counts:")
-    for c in check:
-        print(f"    {c['phase']:40s} predicted {c['predicted_gib']:8.3f} GiB, measured {c['measured_gib']:8.3f} GiB, "
-              f"error {c['error']:.2%} ({'the whole phase' if c['part'] == 'Total' else c['part']}: its peak at full "
-              f"depth)")
-    return dict(world=world, pairs=plan["pairs"], k=K, completion=T, micro_batch=plan["micro_batch"],
-                grad_checkpointing=plan["checkpointing"], image=list(plan["size"]), prompt_tokens=P,
-                parameters=total, budget_gib=a.budget, phases=rows, check=check, shards_agree=agrees,
-                rollout_parts_gib={str(k): v / GIB for k, v in parts.items()},
-                host_rss_gib=rss / GIB, depths=[dict(layers=d[0], blocks=d[1], phases={str(k): v for k, v in m.items()})
-                                                for d, m in measured.items()], seconds=time.time() - t0)
+    with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
+        spec = os.path.join(tmp, a.shape)
+        print(f"\n--shape {a.shape}: its config.json with {write_shape(a.shape, spec)} (memplan.py)")
+        return memplan.plan(spec, a.world, a.pairs, a.k, a.completion, a.micro_batch, a.grad_checkpointing is not False,
+                            None, a.image_size, a.budget, log=lambda *x: print(*x, flush=True))
 
 
 # -----------------------------------------------------------------------------
