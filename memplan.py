@@ -623,20 +623,19 @@ def plan(spec, world=8, pairs=None, k=None, completion=None, micro_batch=None, g
 
 
 def remedy(r, a, budget, fixed):
-    """A setting that brings a missing phase under its target (GiB), estimated from the row's own figures: its rest
-    less `fixed` (the rollouts' gathered weights) taken as proportional to the pairs (rollouts) or the micro-batch
-    (forward, backward), its shards as proportional to 1/world. The fewest ranks first, then the most pairs or the
-    largest micro-batch there."""
+    """A setting that brings a missing phase under its target (GiB), estimated from the row's own figures: the
+    rollouts' rest less `fixed` (their gathered weights) taken as proportional to the pairs, every other rest as it is
+    (measured at 7B: forward + backward's is the same at micro-batch 4 and 8, on 8 and 16 ranks), the shards as
+    proportional to 1/world. The fewest ranks first, then the most pairs there."""
     if r["phase"].startswith(("start-up, host", "save, host")):
         return ""  # host RAM: the node's, not a setting's
-    flag, now = (("--pairs", a.pairs) if r["phase"].startswith("rollouts") else ("--micro-batch", a.micro_batch)
-                 if r["phase"] in ("policy forward + backward", "reference log-probs") else (None, 0))
+    rollouts = r["phase"].startswith("rollouts")
     for world in range(a.world, 1025):
-        room = budget - r["shards"] * a.world / world - fixed
-        n = math.floor(now * room / (r["rest"] - fixed)) if flag and room > 0 else 0
-        if (n >= 1) if flag else (room >= r["rest"]):
-            return " ".join(([f"--world {world}"] if world != a.world else []) + ([f"{flag} {min(n, now)}"] if flag
-                                                                                   else []))
+        room = budget - r["shards"] * a.world / world - (fixed if rollouts else r["rest"])
+        pairs = math.floor(a.pairs * room / (r["rest"] - fixed)) if rollouts and room > 0 else 0
+        if pairs >= 1 if rollouts else room >= 0:
+            return " ".join(([f"--world {world}"] if world != a.world else [])
+                            + ([f"--pairs {min(pairs, a.pairs)}"] if rollouts else []))
     return "none up to 1,024 ranks"
 
 
