@@ -250,16 +250,18 @@ def split_at_prefill():
 @contextlib.contextmanager
 def forced_tokens(tokenizer, steps):
     """
-    common.next_token still runs (its softmax over the vocabulary is part of the peak), but every row gets a fixed
-    token (fake logits have no values to sample from), and the stop token at call `steps`. The KV cache is
+    common.next_token's probabilities (common.token_probs: the softmax over the vocabulary is part of the peak) still
+    run, but every row gets a fixed token (fake logits have no values to sample from, nor to check as finite), and
+    the stop token at call `steps`. The KV cache is
     preallocated for every new token, so the first decode steps hold what the last one does, but for the attention
     over the rows' own tokens, which grows with the step (stated beside the table).
     """
     real, stop, filler, calls = common.next_token, tokenizer.convert_tokens_to_ids("<|im_end|>"), \
         tokenizer.convert_tokens_to_ids("a"), [0]
 
-    def fixed(logits, *args, **kw):
-        real(logits, *args, **kw)
+    def fixed(logits, temperature, top_p, top_k, *args, **kw):
+        if temperature > 0:
+            common.token_probs(logits, temperature, top_p, top_k)
         calls[0] += 1
         return torch.full(logits.shape[:1], stop if calls[0] == steps else filler, dtype=torch.long)
     common.next_token = fixed
