@@ -1,7 +1,7 @@
 """
-The policy being trained and its reference, on 1..N ranks: build, shard, precision, gather for rollouts,
-checkpoints. train_grpo.py is the method; this file is how its two models live on the ranks. It has no command of
-its own: train_grpo.py calls it (one process, or `torchrun --nproc_per_node=8 train_grpo.py ...`).
+The policy being trained and its reference, on 1..N ranks: build, shard, precision, LoRA adapters, gather for
+rollouts, checkpoints. train_grpo.py is the method; this file is how its two models live on the ranks. It has no
+command of its own: train_grpo.py calls it (one process, or `torchrun --nproc_per_node=8 train_grpo.py ...`).
 
 Start-up (load): every rank builds the model on the meta device (shapes, no memory), shards it with FSDP2, allocates
 its own shards only, and fills them from ONE read of --model: rank 0 reads the checkpoint in its own dtype, memory-
@@ -13,12 +13,21 @@ Precision: master weights, gradients and their reduction, and AdamW's state are 
 lose AdamW's updates at the paper's lr: train_grpo.py refuses them). On CUDA, FSDP2 gathers the weights in bf16
 and the forward and backward run in bf16; the reference lives in bf16. On CPU everything is fp32.
 
+LoRA (--lora R): every targeted linear becomes base(x) + (alpha / R) * B A x, A [R, in] and B [out, R] fp32 and
+trained (B starts at 0: step 0 is the base model exactly), the base frozen in the checkpoint's dtype on CUDA (bf16
+for the released model: the compute is bf16 anyway) and in fp32 on CPU, with no gradient and no optimizer state. FSDP2
+shards per parameter, so the frozen base and the adapters share their layer's unit. There is no reference copy: the
+reference is the same model with its adapters off (reference()), which is the base exactly.
+
 Checkpoints, <out>/step_<N>/:
     a Hugging Face model directory (config, safetensors, tokenizer, pixel limits) in --save-dtype, by default the dtype
         of --model (bf16 for the released Qwen2.5-VL): the next stage loads it as it is. Gathered one parameter at a
         time onto rank 0's CPU, cast before it travels, so no rank holds a second fp32 copy.
-    resume/  torch.distributed.checkpoint: each rank writes its own shard of the fp32 master weights and of AdamW's
-        state, and its RNG state (__<rank>_0.distcp); nothing is gathered.
+        With LoRA, the merged weights W + (alpha / R) B A, merged in fp32 one linear at a time as it is gathered.
+    adapter.safetensors, adapter_config.json  with LoRA: the adapters alone (fp32) and their r, alpha, targets.
+    resume/  torch.distributed.checkpoint: each rank writes its own shard of the fp32 master weights (with LoRA: the
+        adapters; the frozen base is --model, read again) and of AdamW's state, and its RNG state (__<rank>_0.distcp);
+        nothing is gathered.
     train_state.json, args.json  step, epoch, world size; the arguments a --resume must match.
     manifest.json  written last: every file's size. A checkpoint is complete when all of them are there, whole and
         readable; --resume takes the newest complete one and says which it passed over.
@@ -41,6 +50,7 @@ import warnings
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import common
 
@@ -108,6 +118,10 @@ def enable_checkpointing(model):
     """Activation checkpointing of every decoder layer and vision block: backward recomputes their insides from
     their inputs. use_reentrant=False, which the shared-prefix path needs (train_grpo.cache_under_checkpointing)."""
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if not model.get_input_embeddings().weight.requires_grad:
+        # transformers also makes the embedding's output require grad, for reentrant checkpointing over a frozen
+        # embedding; non-reentrant needs none of it, and under FSDP it would gather the frozen embedding in backward
+        model.disable_input_require_grads()
 
 
 @torch.no_grad()
@@ -140,22 +154,132 @@ def fill(model, source, device, sampled=False):
             dist.broadcast(b, 0)
 
 
-def load(spec, device, grad_checkpointing=False):
+def load(spec, device, grad_checkpointing=False, lora=None):
     """
     (policy, reference, tokenizer, image_cfg, the checkpoint's dtype), both models from one read of `spec`: the policy
-    in fp32 (its master weights), the reference in bf16 on CUDA (fp32 on CPU), frozen, in eval mode.
+    in fp32 (its master weights), the reference in bf16 on CUDA (fp32 on CPU), frozen, in eval mode. With `lora`
+    (add_adapters' r, alpha, dropout, targets, seed) the policy is the frozen base (the checkpoint's dtype on CUDA,
+    fp32 on CPU) with fp32 adapters, and no reference is loaded (None: see reference()).
     """
     source = common.load_model(spec, "cpu", "auto")[0] if _rank() == 0 else None
     dtype = [str(next(source.parameters()).dtype).removeprefix("torch.") if source is not None else None]
     if dist.is_initialized():
         dist.broadcast_object_list(dtype, src=0)
-    model, tokenizer, image_cfg = build(spec, torch.float32)
+    base = getattr(torch, dtype[0]) if lora and device.type == "cuda" else torch.float32  # LoRA: a frozen base
+    model, tokenizer, image_cfg = build(spec, base)
+    if lora:
+        add_adapters(model, **lora)
+        if source is not None:  # rank 0's initial adapters (A seeded, B zero) travel with the base weights
+            add_adapters(source, **lora)
     if grad_checkpointing:
         enable_checkpointing(model)
     fill(shard(model, device), source, device, sampled=True)
+    if lora:
+        return model.train(), None, tokenizer, image_cfg, dtype[0]
     ref = build(spec, torch.bfloat16 if device.type == "cuda" else torch.float32)[0]
     fill(shard(ref, device, reference=True), source, device)
     return model.train(), ref.eval(), tokenizer, image_cfg, dtype[0]
+
+
+# -----------------------------------------------------------------------------
+# LoRA: low-rank adapters on frozen base weights (--lora R)
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(torch.nn.Linear):
+    """
+    A frozen linear plus a trainable rank-r update: y = x W^T + b + (alpha / r) * dropout(x) A^T B^T. It keeps the
+    base's weight and bias under their own names, so the checkpoint's keys load into it as they are. A module (not a
+    hook or a parametrization), so whatever calls `self_attn.q_proj(h)` sees the adapter: the model's forward in the
+    log-prob paths and the sampler's hand-written decode step alike; and W + (alpha / r) B A is never formed to run it.
+    """
+
+    def __init__(self, base, r, alpha, dropout):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        fp32 = dict(dtype=torch.float32, device=base.weight.device)
+        self.lora_A = torch.nn.Parameter(torch.empty(r, self.in_features, **fp32))
+        self.lora_B = torch.nn.Parameter(torch.zeros(self.out_features, r, **fp32))
+        self.r, self.alpha, self.scale, self.dropout, self.enabled = r, alpha, alpha / r, dropout, True
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return y
+        return y + self.scale * F.linear(F.linear(F.dropout(x, self.dropout, self.training), self.lora_A), self.lora_B)
+
+
+def lora_modules(model, targets):
+    """
+    {name: linear} the adapters go on, in the model's order. A target is the end of a module name: in the language
+    model's decoder layers (q_proj, mlp.down_proj), or with the prefix `visual.` in the vision tower (visual.qkv,
+    visual.mlp.down_proj, visual.merger.mlp.0): the vision tower stays frozen unless a target names it.
+    """
+    scopes = [("model.visual." if t.startswith("visual.") else "model.language_model.layers.",
+               t.removeprefix("visual.")) for t in targets]
+    hits = lambda name, scope, end: name.startswith(scope) and name.endswith("." + end)
+    found = {n: m for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and any(hits(n, s, e) for s, e in scopes)}
+    for t, (s, e) in zip(targets, scopes):
+        if not any(hits(n, s, e) for n in found):
+            where = "vision tower" if s == "model.visual." else "language model"
+            raise ValueError(f"--lora-targets: '{t}' names no linear of the {where} (the language model's end in "
+                             f"{', '.join(LORA_TARGETS)}; the vision tower's are visual.qkv, visual.attn.proj, "
+                             f"visual.mlp.gate_proj, ..., visual.merger.mlp.0)")
+    return found
+
+
+def add_adapters(model, r, alpha, dropout, targets, seed):
+    """
+    Freeze `model` and put a LoRALinear on each linear of lora_modules(targets). A is drawn as nn.Linear draws its
+    weight, U(-1/sqrt(in), 1/sqrt(in)), from a generator seeded by `seed` (the global RNG untouched), B is zero; on
+    the meta device only the shapes. Returns the wrapped names.
+    """
+    model.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    names = list(lora_modules(model, targets))
+    for name in names:
+        m = LoRALinear(model.get_submodule(name), r, alpha, dropout)
+        if m.lora_A.device.type != "meta":
+            with torch.no_grad():
+                m.lora_A.uniform_(-m.in_features ** -0.5, m.in_features ** -0.5, generator=g)
+        model.set_submodule(name, m)
+    return names
+
+
+def adapters(model):
+    """{name: LoRALinear} of `model` ({} without LoRA)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def reference(model, ref):
+    """pi_ref of Eq. 6 for the reference log-probs: `ref`, or with LoRA (no reference loaded, ref None) the policy
+    with its adapters off, which is the base model exactly."""
+    if ref is not None:
+        yield ref
+        return
+    wrapped = adapters(model).values()
+    for m in wrapped:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in wrapped:
+            m.enabled = True
+
+
+def trainable(model):
+    """The parameters AdamW updates: every one, or with LoRA the adapters. They must be fp32 (see Precision at the top:
+    train_grpo.py's --dtype refuses anything else); a frozen base weight may be bf16, it is never updated."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    dtypes = {p.dtype for p in params} - {torch.float32}
+    if dtypes:
+        raise ValueError(f"AdamW over {', '.join(map(str, dtypes))} master weights: they must be fp32 (its updates at "
+                         f"the paper's lr round away in bf16)")
+    return params
 
 
 # -----------------------------------------------------------------------------
@@ -204,20 +328,33 @@ def check_finite(model, step):
 
 def gather(model, dtype):
     """
-    {name: full tensor in `dtype` on rank 0's CPU} ({} on other ranks), gathered one parameter at a time and cast
-    before it travels: rank 0 builds one copy in `dtype`, never a second fp32 one.
+    ({name: full tensor in `dtype`}, {adapter name: full fp32 tensor}) on rank 0's CPU ({} on other ranks), gathered
+    one parameter at a time and cast before it travels: rank 0 builds one copy in `dtype`, never a second fp32 one.
+    With LoRA each wrapped weight is merged as it is gathered: W + (alpha / r) B A in fp32, then cast (one matrix at
+    a time in fp32); the adapters come apart too.
     """
     from torch.distributed.tensor import DTensor
 
-    full, done = {}, {}
+    whole = lambda t: t.full_tensor() if isinstance(t, DTensor) else t
+    merged = {f"{n}.weight": m for n, m in adapters(model).items()}
+    full, lora, done = {}, {}, {}
     for name, p in model.state_dict(keep_vars=True).items():
+        if name.endswith((".lora_A", ".lora_B")):
+            t = whole(p.detach())
+            if _rank() == 0:
+                lora[name] = t.cpu()
+            continue
         if id(p) not in done:  # tied weights are one tensor under two names
-            t = p.detach().to(dtype)
-            t = t.full_tensor() if isinstance(t, DTensor) else t
+            if name in merged:
+                m = merged[name]
+                ba = whole(m.lora_B.detach()) @ whole(m.lora_A.detach())
+                t = (whole(p.detach()).float() + m.scale * ba).to(dtype)
+            else:
+                t = whole(p.detach().to(dtype))
             done[id(p)] = t.cpu() if _rank() == 0 else None
         if _rank() == 0:
             full[name] = done[id(p)]
-    return full
+    return full, lora
 
 
 @contextlib.contextmanager
@@ -229,11 +366,12 @@ def _dcp_quietly():
 
 
 def resume_state(model, optimizer):
-    """What --resume needs, sharded: this rank's fp32 master weights and AdamW state (no gather) and its RNG state.
-    Also the structure dcp.load reads into (AdamW's state is created by a step at lr 0 if it has none yet)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    """What --resume needs, sharded: this rank's fp32 master weights (with LoRA the adapters: the frozen base is read
+    again from --model) and AdamW state (no gather) and its RNG state. Also the structure dcp.load reads into (AdamW's
+    state is created by a step at lr 0 if it has none yet)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    weights, optim = get_state_dict(model, optimizer)
+    weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
     return {"model": weights, "optimizer": optim, f"rng_rank{_rank()}": rng}  # one RNG entry per rank
 
@@ -250,7 +388,7 @@ def save(out, step, model, optimizer, tokenizer, image_cfg, save_dtype, keep, st
     check_finite(model, step)
     final, partial = os.path.join(out, f"step_{step}"), os.path.join(out, f".step_{step}.partial")
     dtype = getattr(torch, save_dtype)
-    weights = gather(model, dtype)
+    weights, lora = gather(model, dtype)
     if _rank() == 0:
         with torch.device("meta"):  # a plain module around the gathered weights, for save_pretrained
             plain = Qwen2_5_VLForConditionalGeneration._from_config(copy.deepcopy(model.config), dtype=dtype)
@@ -260,6 +398,8 @@ def save(out, step, model, optimizer, tokenizer, image_cfg, save_dtype, keep, st
         common.save_checkpoint(plain, tokenizer, image_cfg, partial)
         common.save_prompts(partial, args["prompts"], not args["no_think"])  # the next stage asks it the same way
         del plain, weights
+        if lora:
+            save_adapters(partial, model, lora, args)
     _barrier()  # the directory exists (save_checkpoint renames it into place) before the ranks write into it
     with _dcp_quietly():
         dcp.save(resume_state(model, optimizer), checkpoint_id=os.path.join(partial, "resume"))
@@ -274,6 +414,18 @@ def save(out, step, model, optimizer, tokenizer, image_cfg, save_dtype, keep, st
         os.rename(partial, final)  # atomic: a step_<N> is always complete
         prune(out, keep)
     _barrier()
+
+
+def save_adapters(path, model, lora, args):
+    """<path>/adapter.safetensors (the fp32 adapters, named <module>.lora_A / .lora_B) and adapter_config.json."""
+    from safetensors.torch import save_file
+
+    wrapped = adapters(model)
+    m = next(iter(wrapped.values()))
+    save_file(lora, os.path.join(path, "adapter.safetensors"))
+    config = dict(r=m.r, alpha=m.alpha, scale=m.scale, dropout=m.dropout, targets=args.get("lora_targets"),
+                  base_model=args.get("model"), modules=list(wrapped))
+    common.write_atomic(os.path.join(path, "adapter_config.json"), json.dumps(config, indent=1) + "\n")
 
 
 def step_dirs(out):
@@ -357,12 +509,14 @@ def check_resume(path, args, world):
 def restore(path, model, optimizer):
     """Read this rank's shards of the fp32 master weights and AdamW state back from <path>/resume, and its RNG."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     state = resume_state(model, optimizer)
     with _dcp_quietly():
-        dcp.load(state, checkpoint_id=os.path.join(path, "resume"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        dcp.load(state, checkpoint_id=os.path.join(path, "resume"))  # an entry missing from the checkpoint fails here
+    frozen = any(not p.requires_grad for p in model.parameters())  # LoRA: the base is not in the state, nor changed
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(strict=not frozen))
     rng = state[f"rng_rank{_rank()}"]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])

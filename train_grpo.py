@@ -7,6 +7,9 @@ pseudo-labels with the fidelity reward. One run = one round: start from --model,
         --labels round1/votes.jsonl --out round1/ --batch-pairs 4 --max-new-tokens 1024 \
         --micro-batch 4 --save-every 50
     # more nodes: torchrun's own flags (--nnodes, --node-rank, --rdzv-endpoint); nothing else changes
+    # 7B on one GPU: LoRA adapters (rank 64) on the frozen bf16 base, no reference copy (README: LoRA)
+    python train_grpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --labels round1/votes.jsonl --out round1/ --lora 64 \
+        --lr 1e-5
     # one GPU: the same FSDP2 path on one rank; one CPU process: plain fp32 modules
     python train_grpo.py --model Qwen/Qwen2.5-VL-3B-Instruct --labels round1/votes.jsonl --out round1/
     # CPU, from a fresh clone: the toy base model on its own votes, those of vote.py's CPU example (see its
@@ -22,7 +25,12 @@ and prompts.json, the prompts it was trained with, which every later stage uses 
 --think / --no-think, else from --model's own prompts.json, else the paper's. --resume continues from the newest
 complete step_<N>, bit for bit, on the same number of ranks. policy.py holds how the policy and its reference
 live on the ranks: meta-device start-up from one read of --model, FSDP2, bf16 compute over fp32 master weights on
-CUDA, activation checkpointing (on by default on CUDA), the rollouts' weight gather, and the checkpoints.
+CUDA, activation checkpointing (on by default on CUDA), LoRA, the rollouts' weight gather, and the checkpoints.
+
+--lora R trains low-rank adapters on the frozen base instead of every weight: the base stays in --model's dtype on
+CUDA (fp32 on CPU) with no gradient or optimizer state, the adapters are fp32 with AdamW, and the reference log-probs
+come from the same model with its adapters off (no second model). step_<N>/ holds the merged weights, which every
+stage loads as it loads any checkpoint, and the adapters alone (adapter.safetensors, adapter_config.json).
 
 Log-probs (policy, pi_old, reference) take the shared-prefix path by default: per micro-batch, one forward
 over its images' prompts records their keys/values with gradients, then one forward over the completions
@@ -118,12 +126,22 @@ def parse_args(argv=None):
                     help="run each prompt once per micro-batch and let its completions attend to its keys/values "
                          "(--no-shared-prefix: one full prompt+completion forward per completion, the plain path)")
     ap.add_argument("--seed", type=int, default=0)
+    # LoRA: low-rank adapters on frozen base weights (the paper trains every weight)
+    ap.add_argument("--lora", type=int, default=0, help="rank R of LoRA adapters on the frozen base weights (0: full "
+                    "fine-tuning, the paper's); the reference is the base, the policy with its adapters off")
+    ap.add_argument("--lora-alpha", type=float, help="adapter scale alpha / R (default: alpha = 2R, a scale of 2 at any "
+                    "rank)")
+    ap.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default: 0)")
+    ap.add_argument("--lora-targets", help="comma-separated ends of linear names: in the language model's layers, or "
+                    "visual.<end> in the vision tower, frozen unless named (default: " + ",".join(policy.LORA_TARGETS)
+                    + ", every linear of the language model's attention and MLP)")
     # distributed/memory
     ap.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                     help="activation checkpointing of every decoder layer and vision block (default: on on CUDA, off "
                          "on CPU); may change on --resume")
     ap.add_argument("--device", help="default: cuda (the rank's GPU) when available, else cpu")
-    ap.add_argument("--dtype", default="float32", help="master weights: float32 only (on CUDA the forward and "
+    ap.add_argument("--dtype", default="float32", help="master weights, the ones AdamW updates (with --lora the "
+                    "adapters; the frozen base stays in --model's dtype): float32 only (on CUDA the forward and "
                     "backward run in bf16 over them)")
     # output
     ap.add_argument("--out", required=True, help="run directory (it may move before a --resume)")
@@ -145,13 +163,26 @@ def parse_args(argv=None):
                          f"are far below half a {args.dtype} step for almost every weight and round away (measured: "
                          f"one step changes 0.5% of bf16 weights, 100% of fp32 ones), so training would silently do "
                          f"almost nothing. On CUDA the forward and backward already run in bf16 over fp32 masters.")
+    common.check_numbers(ap, args, nonnegative=("lora",))  # before the defaults below derive from it
+    if not args.lora:
+        given = [f for f in ("lora_alpha", "lora_dropout", "lora_targets") if getattr(args, f) is not None]
+        if given:
+            ap.error(f"--{given[0].replace('_', '-')} needs --lora R (without it every weight is trained)")
+    else:
+        args.lora_alpha = 2.0 * args.lora if args.lora_alpha is None else args.lora_alpha
+        args.lora_dropout = 0.0 if args.lora_dropout is None else args.lora_dropout
+        args.lora_targets = args.lora_targets or ",".join(policy.LORA_TARGETS)
+        if not 0 <= args.lora_dropout < 1:  # NaN fails too
+            ap.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+        if not all(args.lora_targets.split(",")):
+            ap.error(f"--lora-targets: an empty name in '{args.lora_targets}'")
     if args.k < 2:
         raise SystemExit(f"--k must be at least 2 (Eq. 4 standardises within an image's K rollouts), got {args.k}")
     for name in ("batch_pairs", "epochs", "updates_per_batch", "micro_batch"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     common.check_sampling(ap, args, training=True)
-    common.check_numbers(ap, args, positive=("gamma", "clip_eps", "lr", "grad_clip"),
+    common.check_numbers(ap, args, positive=("gamma", "clip_eps", "lr", "grad_clip", "lora_alpha"),
                          nonnegative=("beta", "weight_decay", "max_steps", "save_every", "keep", "batch_groups", "seed"))
     common.check_out(ap, args.out, inputs=(args.model, args.prompts, *args.labels), directory=True)
     common.check_numbers(ap, args, nonnegative=("min_margin", "min_valid_votes", "batch_images"),
@@ -609,6 +640,9 @@ def resume_record(args, prompts):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = common.dist_setup()
+    # torch's global RNG starts from a random seed in every process; only --lora-dropout draws from it (the rollouts
+    # have their own generators): seeded, a rerun draws the same masks (and --resume restores it)
+    torch.manual_seed(common.stable_seed(args.seed, "global", rank))
     device = torch.device(args.device) if args.device and world == 1 else device
     prompts, think, source = common.resolve_prompts(args.model, args.prompts, args.think)
     args.no_think = not think  # resolved: what the rollouts, args.json and the checkpoints' prompts.json hold
@@ -630,9 +664,19 @@ def main(argv=None):
     checkpointing = device.type == "cuda" if args.grad_checkpointing is None else args.grad_checkpointing
     common.print0(f"activation checkpointing {'on' if checkpointing else 'off'}"
                   + (f" (the default on {device.type})" if args.grad_checkpointing is None else ""))
-    # the policy (fp32 master weights) and the frozen reference (the run's initial model), from one read of --model
-    model, ref, tok, image_cfg, model_dtype = policy.load(args.model, device, checkpointing)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # the policy (fp32 master weights) and the frozen reference (the run's initial model), from one read of --model;
+    # with --lora the frozen base with fp32 adapters, and no reference model (the base is the reference)
+    lora = (dict(r=args.lora, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets.split(","),
+                 seed=args.seed) if args.lora else None)
+    model, ref, tok, image_cfg, model_dtype = policy.load(args.model, device, checkpointing, lora)
+    params = policy.trainable(model)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    if lora:
+        n_all = sum(p.numel() for p in model.parameters())
+        common.print0(f"LoRA: rank {args.lora}, alpha {args.lora_alpha:g} (scale {args.lora_alpha / args.lora:g}) on "
+                      f"{len(policy.adapters(model))} linears: {sum(p.numel() for p in params):,} trainable parameters "
+                      f"({100 * sum(p.numel() for p in params) / n_all:.2g}% of {n_all:,}); the reference is the base "
+                      f"(adapters off)")
     start = 0
     if resume_dir:  # the policy's fp32 master weights, AdamW's state and the RNG, as they were after that step
         policy.restore(resume_dir, model, optimizer)
@@ -704,7 +748,8 @@ def main(argv=None):
         # an empty chunk still does a forward (on row 0, weighted 0) to match the other ranks' collectives
         chunks = [(c, 1.0) if c else ([0], 0.0) for c in chunks]
         with torch.no_grad():
-            ref_lp = [logprobs(ref, [rows[i] for i in c], images, args.temperature)[0] for c, _ in chunks]
+            with policy.reference(model, ref) as pi_ref:  # with --lora: the policy with its adapters off
+                ref_lp = [logprobs(pi_ref, [rows[i] for i in c], images, args.temperature)[0] for c, _ in chunks]
             old_lp = ([logprobs(model, [rows[i] for i in c], images, args.temperature)[0] for c, _ in chunks]
                       if args.updates_per_batch > 1 else None)
 
@@ -723,7 +768,7 @@ def main(argv=None):
                 stop_unless_finite(step + 1, args.out, loss=loss.item(), kl=kl_chunk)
                 (loss * w * world / n_global).backward()
                 kl_sum, clip_sum = kl_sum + w * kl_chunk, clip_sum + w * clip.sum().item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             stop_unless_finite(step + 1, args.out, grad_norm=float(grad_norm))  # the same on every rank
             optimizer.step()
