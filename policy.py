@@ -175,6 +175,11 @@ def load(spec, device, grad_checkpointing=False, lora=None):
         enable_checkpointing(model)
     fill(shard(model, device), source, device, sampled=True)
     if lora:
+        n, m = sum(p.numel() for p in model.parameters()), next(iter(adapters(model).values()))
+        n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        common.print0(f"LoRA: rank {m.r}, alpha {m.alpha:g} (scale {m.scale:g}) on {len(adapters(model))} linears: "
+                      f"{n_lora:,} trainable parameters ({100 * n_lora / n:.2g}% of {n:,}); the reference is the base "
+                      f"(adapters off), no second model")
         return model.train(), None, tokenizer, image_cfg, dtype[0]
     ref = build(spec, torch.bfloat16 if device.type == "cuda" else torch.float32)[0]
     fill(shard(ref, device, reference=True), source, device)

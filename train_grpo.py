@@ -671,12 +671,6 @@ def main(argv=None):
     model, ref, tok, image_cfg, model_dtype = policy.load(args.model, device, checkpointing, lora)
     params = policy.trainable(model)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    if lora:
-        n_all = sum(p.numel() for p in model.parameters())
-        common.print0(f"LoRA: rank {args.lora}, alpha {args.lora_alpha:g} (scale {args.lora_alpha / args.lora:g}) on "
-                      f"{len(policy.adapters(model))} linears: {sum(p.numel() for p in params):,} trainable parameters "
-                      f"({100 * sum(p.numel() for p in params) / n_all:.2g}% of {n_all:,}); the reference is the base "
-                      f"(adapters off)")
     start = 0
     if resume_dir:  # the policy's fp32 master weights, AdamW's state and the RNG, as they were after that step
         policy.restore(resume_dir, model, optimizer)

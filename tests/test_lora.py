@@ -7,6 +7,7 @@ rollouts see the adapters, 2 FSDP ranks equal one process, and a kill + --resume
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from PIL import Image
 import common
 import policy
 import train_grpo
-from test_train_grpo import _logp_and_grads, _prefix_rows, _run, write_labels
+from test_train_grpo import _logp_and_grads, _prefix_rows, _run, one_thread, write_labels  # noqa: F401
 
 LORA = dict(r=4, alpha=8.0, dropout=0.0, targets=list(policy.LORA_TARGETS), seed=0)
 CPU = torch.device("cpu")
@@ -142,8 +143,8 @@ def test_merged_checkpoint_keeps_the_base_dtype_and_leaves_frozen_weights_bit_fo
 
 
 def test_rollouts_see_the_adapters(tmp_path):
-    """policy.generate on the adapter model samples what the merged model samples (same seeds), which is not what
-    the base samples."""
+    """policy.generate on the adapter model samples what the merged model samples (same seeds), with the sampler's
+    hand-written decode step and with its forward path alike, and not what the base samples."""
     model, tok, cfg, _ = _lora_model(scale=0.3)
     policy.save(str(tmp_path), 1, model, torch.optim.AdamW(policy.trainable(model)), tok, cfg, "float32", 2, {}, {})
     merged = common.load_model(str(tmp_path / "step_1"), "cpu", "float32")[0]
@@ -151,8 +152,9 @@ def test_rollouts_see_the_adapters(tmp_path):
     rows, images, _ = _prefix_rows(tok, cfg)
     requests = [(rows[0][0], ["sq"]), (rows[3][0], ["wide"])]
     kw = dict(n=4, max_new_tokens=8, temperature=1.0, seed=[5, 6])
-    got = policy.generate(model, tok, requests, images, **kw)["tokens"]
+    got = policy.generate(model, tok, requests, images, **kw)["tokens"]  # the decode step calls q_proj(h) etc.
     assert got == common.sample(merged, tok, requests, images, **kw)["tokens"]
+    assert got == policy.generate(model, tok, requests, images, shared_prefix=False, **kw)["tokens"]  # the forward
     assert got != common.sample(base, tok, requests, images, **kw)["tokens"]
     assert model.training  # generate hands it back in training mode
 
@@ -206,16 +208,20 @@ def _adapters(run, step):
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-    """One process, 2 pairs per step, 2 steps, the tests' vowel reward (every rollout counts)."""
+    """One process (this one), 2 pairs per step, 2 steps, the tests' vowel reward (every rollout counts)."""
     d = tmp_path_factory.mktemp("lora")
     write_labels(d)
-    _run(d, d / "run", ["--batch-pairs", "2"] + ARGS)
+    _run(d, d / "run", ["--batch-pairs", "2"] + ARGS, inline=True)
     return d / "run"
 
 
 def test_fsdp_two_ranks_match_one_process(lora_run, tmp_path):
+    """2 gloo ranks x 1 pair, FSDP2 (frozen base and adapters sharded in one unit per layer) with activation
+    checkpointing and the shared-prefix path, against one plain process x 2 pairs: the adapters after 2 steps."""
     write_labels(tmp_path)
-    _run(tmp_path, tmp_path / "run", ["--batch-pairs", "1"] + ARGS, nproc=2)
+    _run(tmp_path, tmp_path / "run", ["--batch-pairs", "1", "--grad-checkpointing", "--keep", "1"] + ARGS, nproc=2)
+    assert sorted(os.listdir(tmp_path / "run")) == ["final", "metrics.jsonl", "step_2"]  # --keep 1, as full FT
+    assert os.readlink(tmp_path / "run" / "final") == "step_2"
     one, two = _adapters(lora_run, 2), _adapters(tmp_path / "run", 2)
     moved = max(v.abs().max().item() for k, v in one.items() if k.endswith("lora_B"))
     assert moved > 5e-3  # B started at 0 and moved by ~lr a step
@@ -226,7 +232,8 @@ def test_fsdp_two_ranks_match_one_process(lora_run, tmp_path):
     assert one.keys() == two.keys() and diff.max() < 1e-5, diff.max()
     m1, m2 = ([json.loads(line) for line in open(r / "metrics.jsonl")] for r in (lora_run, tmp_path / "run"))
     # at one update per batch the loss is beta * KL - mean(A), and mean(A) = 0 by Eq. 4: the KL and the gradient norm
-    # are what the loss carries
+    # are what the loss carries. At step 1 the policy is the base and the reference is the base: KL 0 exactly
+    assert m1[0]["kl"] == m2[0]["kl"] == 0.0 and m1[1]["kl"] > 0.01
     for a, b in zip(m1, m2, strict=True):
         assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-9)
         assert a["kl"] == pytest.approx(b["kl"], rel=1e-5, abs=1e-9)  # measured 7e-7
@@ -249,11 +256,15 @@ def _resume_tensors(step_dir):
 
 
 def test_kill_and_resume_reproduce_the_adapters_bit_for_bit(lora_run, tmp_path):
-    write_labels(tmp_path)
+    """What a SIGKILL while step 2 saves leaves (step_1, both metrics lines, a half-written .step_2.partial), then
+    --resume, in this process: the adapters, AdamW's state and the merged weights of the uninterrupted run, bit for
+    bit. (A real kill's files are test_train_grpo's resume tests'; nothing in them depends on LoRA.)"""
     out = tmp_path / "run"
-    _run(tmp_path, out, ["--batch-pairs", "2"] + ARGS, kill_at="step_1")
-    assert not (out / "final").exists(), "the run finished before it was killed"
-    _run(tmp_path, out, ["--batch-pairs", "2"] + ARGS + ["--resume"])
+    shutil.copytree(lora_run / "step_1", out / "step_1")
+    shutil.copytree(lora_run / "step_2", out / ".step_2.partial", ignore=shutil.ignore_patterns("manifest.json", "*.distcp"))
+    shutil.copy(lora_run / "metrics.jsonl", out)
+    _run(lora_run.parent, out, ["--batch-pairs", "2"] + ARGS + ["--resume"], inline=True)
+    assert sorted(os.listdir(out)) == ["final", "metrics.jsonl", "step_1", "step_2"]
     for f in ("adapter.safetensors", "model.safetensors"):
         assert (out / "step_2" / f).read_bytes() == (lora_run / "step_2" / f).read_bytes(), f
     got, want = _resume_tensors(out / "step_2"), _resume_tensors(lora_run / "step_2")

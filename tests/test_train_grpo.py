@@ -524,12 +524,19 @@ def test_tied_embedding_stays_tied_through_load_and_save(tmp_path):
     assert torch.equal(saved.lm_head.weight, model.lm_head.weight)
 
 
-def _run(tmp_path, out, extra, nproc=1, kill_at=None):
+def _run(tmp_path, out, extra, nproc=1, kill_at=None, inline=False):
+    """train_grpo.py with the tests' reward in a subprocess (torchrun for nproc > 1), or `inline`: main() in this
+    process, which saves the interpreter's start-up where no process boundary is under test."""
     script = tmp_path / "patched.py"
     script.write_text(PATCH)
     launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [])
     cmd = launch + [str(script), "--labels", str(tmp_path / "votes.jsonl"), "--out", str(out), "--k", "4",
                     "--max-new-tokens", "6", "--lr", "1e-3", "--epochs", "2", "--micro-batch", "3", "--seed", "1"] + extra
+    if inline:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(train_grpo, "rollout_rewards", vowel_reward)
+            train_grpo.main(cmd[len(launch) + 1:])
+        return
     if kill_at is None:
         p = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
@@ -699,7 +706,7 @@ def test_activation_checkpointing_is_on_by_default_on_cuda_only(tmp_path, monkey
     labels = write_labels(tmp_path)
     seen = {}
 
-    def load(spec, dev, grad_checkpointing=False):
+    def load(spec, dev, grad_checkpointing=False, lora=None):
         seen.update(device=dev.type, checkpointing=grad_checkpointing)
         raise _Loaded
 
