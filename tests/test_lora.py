@@ -21,6 +21,8 @@ from test_train_grpo import _logp_and_grads, _prefix_rows, _run, one_thread, wri
 
 LORA = dict(r=4, alpha=8.0, dropout=0.0, targets=list(policy.LORA_TARGETS), seed=0)
 CPU = torch.device("cpu")
+# args.json of a direct policy.save: what train_grpo records (the prompts: what the checkpoint's prompts.json holds)
+RECORD = dict(model="tiny", prompts=common.PROMPTS, no_think=False)
 
 
 def _lora_model(spec="tiny", scale=0.0, grad_checkpointing=False):
@@ -94,7 +96,7 @@ def test_merged_checkpoint_equals_the_adapter_model_and_loads_as_any_checkpoint(
 
     model, tok, cfg, _ = _lora_model(scale=0.05)
     opt = torch.optim.AdamW(policy.trainable(model))
-    policy.save(str(tmp_path / "run"), 1, model, opt, tok, cfg, "float32", 2, dict(step=1, world=1), dict(model="tiny"))
+    policy.save(str(tmp_path / "run"), 1, model, opt, tok, cfg, "float32", 2, dict(step=1, world=1), RECORD)
     d = tmp_path / "run" / "step_1"
     want = _logits(model, tok, cfg)
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(d)
@@ -131,7 +133,7 @@ def test_merged_checkpoint_keeps_the_base_dtype_and_leaves_frozen_weights_bit_fo
     model, tok, cfg, dtype = _lora_model(str(tmp_path / "bf16"), scale=0.05)
     assert dtype == "bfloat16" and next(model.parameters()).dtype == torch.float32
     policy.save(str(tmp_path / "run"), 1, model, torch.optim.AdamW(policy.trainable(model)), tok, cfg, dtype, 2,
-                dict(step=1, world=1), {})
+                dict(step=1, world=1), RECORD)
     saved = common.load_model(str(tmp_path / "run" / "step_1"), "cpu", "auto")[0].state_dict()
     init, wrapped = base[0].state_dict(), policy.adapters(model)
     for k, v in saved.items():
@@ -146,7 +148,7 @@ def test_rollouts_see_the_adapters(tmp_path):
     """policy.generate on the adapter model samples what the merged model samples (same seeds), with the sampler's
     hand-written decode step and with its forward path alike, and not what the base samples."""
     model, tok, cfg, _ = _lora_model(scale=0.3)
-    policy.save(str(tmp_path), 1, model, torch.optim.AdamW(policy.trainable(model)), tok, cfg, "float32", 2, {}, {})
+    policy.save(str(tmp_path), 1, model, torch.optim.AdamW(policy.trainable(model)), tok, cfg, "float32", 2, {}, RECORD)
     merged = common.load_model(str(tmp_path / "step_1"), "cpu", "float32")[0]
     base = common.load_model("tiny", "cpu", "float32")[0]
     rows, images, _ = _prefix_rows(tok, cfg)
