@@ -224,6 +224,12 @@ def test_fsdp_two_ranks_match_one_process(lora_run, tmp_path):
     _run(tmp_path, tmp_path / "run", ["--batch-pairs", "1", "--grad-checkpointing", "--keep", "1"] + ARGS, nproc=2)
     assert sorted(os.listdir(tmp_path / "run")) == ["final", "metrics.jsonl", "step_2"]  # --keep 1, as full FT
     assert os.readlink(tmp_path / "run" / "final") == "step_2"
+    # resume/ is the adapters, their AdamW moments and the RNG, each rank writing its half: under one fp32 copy of the
+    # base (934,784 bytes). Measured 198,519 + 259,407 bytes: 108,528 of tensors (12 x 8,192 adapter weights, the RNG
+    # states), the rest DCP's header of each of the 112 small tensors
+    shards = [(tmp_path / "run" / "step_2" / "resume" / f"__{r}_0.distcp").stat().st_size for r in range(2)]
+    n_base = sum(p.numel() for p in common.load_model("tiny", "meta", "float32")[0].parameters())
+    assert sum(shards) < 4 * n_base and min(shards) > 12 * 8192 / 2, (shards, n_base)
     one, two = _adapters(lora_run, 2), _adapters(tmp_path / "run", 2)
     moved = max(v.abs().max().item() for k, v in one.items() if k.endswith("lora_B"))
     assert moved > 5e-3  # B started at 0 and moved by ~lr a step
@@ -263,7 +269,8 @@ def test_kill_and_resume_reproduce_the_adapters_bit_for_bit(lora_run, tmp_path):
     bit. (A real kill's files are test_train_grpo's resume tests'; nothing in them depends on LoRA.)"""
     out = tmp_path / "run"
     shutil.copytree(lora_run / "step_1", out / "step_1")
-    shutil.copytree(lora_run / "step_2", out / ".step_2.partial", ignore=shutil.ignore_patterns("manifest.json", "*.distcp"))
+    partial = shutil.ignore_patterns("manifest.json", "*.distcp")
+    shutil.copytree(lora_run / "step_2", out / ".step_2.partial", ignore=partial)
     shutil.copy(lora_run / "metrics.jsonl", out)
     _run(lora_run.parent, out, ["--batch-pairs", "2"] + ARGS + ["--resume"], inline=True)
     assert sorted(os.listdir(out)) == ["final", "metrics.jsonl", "step_1", "step_2"]
