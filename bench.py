@@ -64,6 +64,7 @@ import common
 import distort
 import evaluate
 import memplan
+import policy
 import train_grpo
 import vote
 
@@ -332,7 +333,7 @@ def grpo_child(spec):
     g = torch.Generator().manual_seed(0)
     rows = [(prompt[i], i, torch.randint(0, 256, (C,), generator=g).tolist()) for i in images for _ in range(spec["k"])]
     adv = torch.randn(len(rows), generator=g).to(device)
-    fn = train_grpo.shared_prefix_logprobs if spec["path"] == "shared" else train_grpo.completion_logprobs
+    fn = policy.shared_prefix_logprobs if spec["path"] == "shared" else policy.completion_logprobs
     micro = spec["micro_batch"] or spec["k"]
     chunks = [list(range(s, min(s + micro, len(rows)))) for s in range(0, len(rows), micro)]
     saved = []

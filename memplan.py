@@ -11,7 +11,7 @@ without the GPUs, in minutes and no memory.
     python bench.py --stage memory --shape 3b --world 1 --micro-batch 2 --budget 64
 
 How: policy.py, train_grpo.py and common.py's own code (policy.build, shard, enable_checkpointing, fill, generate;
-common.sample with its shared prompt cache and with the old per-row copy; train_grpo's log-probs and loss; AdamW)
+common.sample with its shared prompt cache and with the old per-row copy; policy's log-probs and train_grpo's loss; AdamW)
 runs under FakeTensorMode (tensors with shapes and no data) with torch's memory trackers (MemTracker,
 FSDPMemTracker), this process being rank 0 of a fake process group of --world ranks, at the real width, image size
 and token counts but with 1-3 decoder layers and vision blocks. Each phase's peak is fitted per layer and per block
@@ -357,7 +357,7 @@ def measure_depth(spec, setting, prepare=None, separate_reference=True):
                 peaks[("rollouts", shared)] = rollout_peak(model, optimizer, tok, setting, "sample", shared, inputs=(
                     logits, mask, positions, [(layer.keys, layer.values) for layer in cache.layers]))
             del logits, cache, mask, positions, kept[:]
-        logprobs = train_grpo.shared_prefix_logprobs if setting["shared_prefix"] else train_grpo.completion_logprobs
+        logprobs = policy.shared_prefix_logprobs if setting["shared_prefix"] else policy.completion_logprobs
         for p in model.parameters():  # from the second micro-batch on, the gradients exist
             p.grad = torch.zeros_like(p) if p.requires_grad else None
 

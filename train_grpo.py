@@ -50,7 +50,6 @@ that agree are merged). Ablations and variants, each off by default and each a d
 """
 
 import argparse
-import contextlib
 import math
 import os
 import time
@@ -59,7 +58,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from transformers.cache_utils import Cache, DynamicLayer
 
 import common
 import policy
@@ -456,146 +454,7 @@ def advantages(r, norm="std"):
 
 
 # -----------------------------------------------------------------------------
-# log-probs (the plain path) and the loss (Eq. 5-6)
-
-
-def completion_logprobs(model, rows, images, temperature):
-    """
-    Per-token log-probs [N, T] (and mask) of completions under `model` at the sampling temperature. rows:
-    [(prompt_ids, image_key, completion_ids)]. One right-padded forward over prompt+completion with explicit
-    3-D positions (the prompt's from rope_positions, then next_pos + j on all three axes for completion
-    token j), so no position is left to the model. Images go in as pixel_values, so the vision tower runs
-    inside the root forward (FSDP gathers and reduces its weights there) and trains with the rest.
-    """
-    device = next(model.parameters()).device
-    merge = model.config.vision_config.spatial_merge_size
-    P = [len(p) for p, _, _ in rows]
-    T = max(len(c) for _, _, c in rows)
-    L = max(p + len(c) - 1 for p, (_, _, c) in zip(P, rows))  # a completion's last token is never an input
-    ids = torch.zeros(len(rows), L, dtype=torch.long)
-    mask = torch.zeros(len(rows), L, dtype=torch.long)
-    pos = torch.zeros(3, len(rows), L, dtype=torch.long)
-    for b, (prompt, key, comp) in enumerate(rows):
-        n = len(prompt) + len(comp) - 1
-        ids[b, :n] = torch.tensor(prompt + comp[:-1])
-        mask[b, :n] = 1
-        pos[:, b, :len(prompt)], next_pos = common.rope_positions(prompt, [images[key][1]], model.config.image_token_id, merge)
-        pos[:, b, len(prompt):n] = next_pos + torch.arange(len(comp) - 1)
-    pixels = torch.cat([images[key][0] for _, key, _ in rows]).to(device)
-    grids = torch.tensor([images[key][1] for _, key, _ in rows], device=device)
-    keep = L - min(P) + 1  # logits only from the shortest prompt's last token on: the vocab is large
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                   pixel_values=pixels, image_grid_thw=grids, use_cache=False, logits_to_keep=keep).logits
-    # completion token j of row b sits at P_b + j and is predicted by the logits at P_b + j - 1
-    at = torch.tensor([[p - 1 + j - (L - keep) for j in range(T)] for p in P], device=device).clamp(max=keep - 1)
-    return completion_token_logprobs(logits[torch.arange(len(rows), device=device)[:, None], at], rows, temperature)
-
-
-def completion_token_logprobs(logits, rows, temperature):
-    """[N, T] log-probs of each row's completion tokens at the sampling temperature (0 past a completion's end) and
-    the [N, T] mask, from the [N, T, V] logits that predict them. Both log-prob paths end here."""
-    T = logits.shape[1]
-    tok = torch.tensor([c + [0] * (T - len(c)) for _, _, c in rows], device=logits.device)
-    mask = torch.tensor([[j < len(c) for j in range(T)] for _, _, c in rows], device=logits.device).float()
-    logp = (logits.float() / temperature).log_softmax(-1).gather(-1, tok[..., None]).squeeze(-1)
-    return logp * mask, mask
-
-
-# -----------------------------------------------------------------------------
-# log-probs, the shared-prefix path (--shared-prefix, the default): an image's K completions share one prompt
-# of ~1,000 image tokens, so the prompt runs once per micro-batch, with gradients, and the completions attend
-# to its keys/values. Equal to the plain path to float rounding (tests/test_train_grpo.py states by how much).
-
-
-class PrefixLayer(DynamicLayer):
-    """
-    One layer's cache. Recording (the prompt forward): keep the first keys/values it is given, graph included,
-    and return what it is given. Serving (the completion forward, built from recorded keys/values): return the
-    prefix + the new ones and store nothing. Both are safe to call twice, which activation checkpointing does
-    when it replays a layer in backward (DynamicLayer would append the replay's keys a second time).
-    """
-
-    def __init__(self, keys=None, values=None):
-        super().__init__()
-        self.serving = keys is not None
-        if self.serving:
-            self.keys, self.values, self.device, self.is_initialized = keys, values, keys.device, True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if self.serving:
-            return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
-        if not self.is_initialized:
-            self.keys, self.values, self.device, self.is_initialized = key_states, value_states, key_states.device, True
-        return key_states, value_states
-
-
-@contextlib.contextmanager
-def cache_under_checkpointing(model):
-    """transformers drops the cache in checkpointed decoder layers (a replay would write it twice); PrefixLayer
-    can be replayed, so let it through. Needs use_reentrant=False: reentrant checkpointing runs the forward
-    without a graph, so the recorded prefix keys would carry no gradient, silently."""
-    layers = list(model.model.language_model.layers)
-    for m in layers:
-        f = getattr(m, "_gradient_checkpointing_func", None)
-        if m.gradient_checkpointing and getattr(f, "keywords", {}).get("use_reentrant", True) is not False:
-            raise ValueError("the shared-prefix path needs gradient checkpointing with use_reentrant=False")
-        m._can_checkpoint_with_cache = True
-    try:
-        yield
-    finally:
-        for m in layers:
-            del m._can_checkpoint_with_cache  # back to the class's False
-
-
-def shared_prefix_logprobs(model, rows, images, temperature):
-    """
-    completion_logprobs (same rows, same result) with each distinct prompt run once. Forward 1: the rows'
-    distinct prompts, left-padded into one batch, images as pixel_values, records every layer's keys/values with
-    their graph; its last logits predict each completion's first token. Forward 2: per row, completion[:-1],
-    right-padded, attending to its own prompt's keys/values (gathered to its row, so the prompt and the vision
-    tower get the gradients of all its completions). Positions are explicit on both sides: the completion's
-    continue from its prompt's (left to the model they would be silently wrong). Always two root forwards, so
-    every FSDP rank runs the same collectives whatever its rows; and every prompt layer's output is on the loss's
-    path (through the first token's logits), so FSDP's pre-backward hooks gather a layer before its cached keys'
-    gradient needs its weights.
-    """
-    device = next(model.parameters()).device
-    merge = model.config.vision_config.spatial_merge_size
-    prefixes = list(dict.fromkeys((key, tuple(prompt)) for prompt, key, _ in rows))
-    index = {p: i for i, p in enumerate(prefixes)}
-    which = torch.tensor([index[(key, tuple(prompt))] for prompt, key, _ in rows], device=device)
-    # forward 1: the distinct prompts
-    S = max(len(prompt) for _, prompt in prefixes)
-    ids = torch.zeros(len(prefixes), S, dtype=torch.long)
-    mask = torch.zeros(len(prefixes), S, dtype=torch.long)
-    pos = torch.zeros(3, len(prefixes), S, dtype=torch.long)
-    start = []
-    for b, (key, prompt) in enumerate(prefixes):
-        ids[b, S - len(prompt):] = torch.tensor(prompt)
-        mask[b, S - len(prompt):] = 1
-        pos[:, b, S - len(prompt):], next_pos = common.rope_positions(list(prompt), [images[key][1]],
-                                                                      model.config.image_token_id, merge)
-        start.append(next_pos)
-    pixels = torch.cat([images[key][0] for key, _ in prefixes]).to(device)
-    grids = torch.tensor([images[key][1] for key, _ in prefixes], device=device)
-    recorded = Cache(layers=[PrefixLayer() for _ in range(model.config.text_config.num_hidden_layers)])
-    mask = mask.to(device)
-    # forward 2's inputs: completion token j - 1 at position next_pos + j - 1 predicts token j (at least one
-    # column, so that a batch of one-token completions still runs both forwards)
-    T = max(len(c) for _, _, c in rows)
-    cids = torch.zeros(len(rows), max(T - 1, 1), dtype=torch.long)
-    cmask = torch.zeros(len(rows), max(T - 1, 1), dtype=torch.long)
-    for r, (_, _, comp) in enumerate(rows):
-        cids[r, :len(comp) - 1] = torch.tensor(comp[:-1], dtype=torch.long)
-        cmask[r, :len(comp) - 1] = 1
-    cpos = (torch.tensor(start)[which.cpu()][:, None] + torch.arange(cids.shape[1])).expand(3, -1, -1)
-    with cache_under_checkpointing(model):
-        first = model(input_ids=ids.to(device), attention_mask=mask, position_ids=pos.to(device), pixel_values=pixels,
-                      image_grid_thw=grids, cache=recorded, use_cache=True, logits_to_keep=1).logits[:, -1]
-        serving = Cache(layers=[PrefixLayer(m.keys[which], m.values[which]) for m in recorded.layers])
-        rest = model(input_ids=cids.to(device), attention_mask=torch.cat([mask[which], cmask.to(device)], 1),
-                     position_ids=cpos.to(device), cache=serving, use_cache=True).logits
-    return completion_token_logprobs(torch.cat([first[which, None], rest[:, :T - 1]], 1), rows, temperature)
+# the loss (Eq. 5-6); the log-probs it takes are policy.py's
 
 
 def grpo_loss(logp, logp_old, logp_ref, adv, mask, clip_eps, beta):
@@ -690,7 +549,7 @@ def main(argv=None):
                   + f"; {args.updates_per_batch} update(s) per batch, lr {args.lr} -> 0")
     # the rows of a micro-batch are consecutive completions, image by image: with --shared-prefix each of its
     # images' prompts runs once, not once per completion
-    logprobs = shared_prefix_logprobs if args.shared_prefix else completion_logprobs
+    logprobs = policy.shared_prefix_logprobs if args.shared_prefix else policy.completion_logprobs
     common.print0(f"log-probs: micro-batches of {args.micro_batch} completions, " +
                   ("shared-prefix path (a prompt runs once per micro-batch holding its completions)" if args.shared_prefix
                    else "plain path (one prompt+completion forward per completion)"))

@@ -61,9 +61,9 @@ def test_only_the_adapters_get_gradients_on_both_log_prob_paths_under_checkpoint
     model, tok, cfg, _ = _lora_model(scale=0.05, grad_checkpointing=True)
     rows, images, w = _prefix_rows(tok, cfg)
     model.eval()  # checkpointing off: the plain path as the oracle
-    plain = _logp_and_grads(model, train_grpo.completion_logprobs, rows, images, w)
+    plain = _logp_and_grads(model, policy.completion_logprobs, rows, images, w)
     model.train()
-    shared = _logp_and_grads(model, train_grpo.shared_prefix_logprobs, rows, images, w)
+    shared = _logp_and_grads(model, policy.shared_prefix_logprobs, rows, images, w)
     names = {f"{n}.lora_{x}" for n in policy.adapters(model) for x in "AB"}
     assert plain[2].keys() == shared[2].keys() == names == {n for n, p in model.named_parameters() if p.requires_grad}
     torch.testing.assert_close(shared[0], plain[0], atol=1e-5, rtol=1e-6)
@@ -77,15 +77,15 @@ def test_reference_is_the_base_with_the_adapters_off():
     model, tok, cfg, _ = _lora_model(scale=0.05)
     base = common.load_model("tiny", "cpu", "float32")[0].requires_grad_(False)
     rows, images, _ = _prefix_rows(tok, cfg)
-    paths = (train_grpo.completion_logprobs, train_grpo.shared_prefix_logprobs)
+    paths = (policy.completion_logprobs, policy.shared_prefix_logprobs)
     with torch.no_grad():
         want = [path(base, rows, images, 0.7)[0] for path in paths]
-        on = train_grpo.completion_logprobs(model, rows, images, 0.7)[0]
+        on = policy.completion_logprobs(model, rows, images, 0.7)[0]
         with policy.reference(model, None) as pi_ref:
             assert pi_ref is model
             for path, w in zip(paths, want):  # the same ops as the base's: bit for bit
                 assert torch.equal(path(pi_ref, rows, images, 0.7)[0], w), path.__name__
-        assert torch.equal(train_grpo.completion_logprobs(model, rows, images, 0.7)[0], on)  # back on after
+        assert torch.equal(policy.completion_logprobs(model, rows, images, 0.7)[0], on)  # back on after
     want = want[0]
     assert (on - want).abs().max() > 1e-3  # the adapters do change the policy
 

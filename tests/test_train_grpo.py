@@ -161,7 +161,7 @@ def test_completion_logprobs_match_transformers_positions(tiny):
     rows = [(common.encode_prompt(tok, prompts, "score", [images[k][1]]), k, comp)
             for k, comp in (("sq", [10, 11, 12, 13, 14]), ("wide", [20, 21]))]
     with torch.no_grad():
-        logp, mask = train_grpo.completion_logprobs(model, rows, images, temperature=0.7)
+        logp, mask = policy.completion_logprobs(model, rows, images, temperature=0.7)
         for b, (prompt, key, comp) in enumerate(rows):
             ids = torch.tensor([prompt + comp])
             # transformers computes the 3-D positions itself when given mm_token_type_ids
@@ -188,7 +188,7 @@ def test_grpo_loss_by_hand():
 
 def _logp(model, rows, images):
     with torch.no_grad():
-        lp, mask = train_grpo.completion_logprobs(model, rows, images, 1.0)
+        lp, mask = policy.completion_logprobs(model, rows, images, 1.0)
     return (lp.sum(1) / mask.sum(1)).tolist()
 
 
@@ -205,7 +205,7 @@ def test_one_step_raises_positive_and_lowers_negative_advantage(tiny):
     model, _, _ = common.load_model("tiny", "cpu", "float32")
     before = _logp(model, rows, images)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    logp, mask = train_grpo.completion_logprobs(model, rows, images, 1.0)
+    logp, mask = policy.completion_logprobs(model, rows, images, 1.0)
     loss, _, _ = train_grpo.grpo_loss(logp, logp.detach(), logp.detach(), torch.tensor([1.0, -1.0]), mask, 0.2, 0.05)
     (loss / 2).backward()
     opt.step()
@@ -219,11 +219,11 @@ def test_kl_pulls_a_drifted_policy_back(tiny):
     model, _, _ = common.load_model("tiny", "cpu", "float32")
     with torch.no_grad():
         model.lm_head.weight.add_(0.1 * torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0)))
-    ref_lp, _ = train_grpo.completion_logprobs(ref, rows, images, 1.0)
+    ref_lp, _ = policy.completion_logprobs(ref, rows, images, 1.0)
     ref_lp = ref_lp.detach()
 
     def kl():
-        lp, mask = train_grpo.completion_logprobs(model, rows, images, 1.0)
+        lp, mask = policy.completion_logprobs(model, rows, images, 1.0)
         return train_grpo.grpo_loss(lp, lp.detach(), ref_lp, torch.zeros(2), mask, 0.2, 0.05)
 
     before = kl()[1].sum().item()
@@ -275,31 +275,31 @@ def _assert_same(plain, shared):
 def test_shared_prefix_matches_plain_path(tiny):
     model, tok, cfg = common.load_model("tiny", "cpu", "float32")
     rows, images, w = _prefix_rows(tok, cfg)
-    plain = _logp_and_grads(model, train_grpo.completion_logprobs, rows, images, w)
-    _assert_same(plain, _logp_and_grads(model, train_grpo.shared_prefix_logprobs, rows, images, w))
+    plain = _logp_and_grads(model, policy.completion_logprobs, rows, images, w)
+    _assert_same(plain, _logp_and_grads(model, policy.shared_prefix_logprobs, rows, images, w))
     # one image's rows alone (one prompt, no prompt padding), and rows interleaving the images
     for order in ([0, 1, 2], [3, 0, 4, 1]):
         sub = [rows[i] for i in order]
-        _assert_same(_logp_and_grads(model, train_grpo.completion_logprobs, sub, images, w[order]),
-                     _logp_and_grads(model, train_grpo.shared_prefix_logprobs, sub, images, w[order]))
+        _assert_same(_logp_and_grads(model, policy.completion_logprobs, sub, images, w[order]),
+                     _logp_and_grads(model, policy.shared_prefix_logprobs, sub, images, w[order]))
 
 
 def test_shared_prefix_matches_plain_path_under_checkpointing(tiny):
     model, tok, cfg = common.load_model("tiny", "cpu", "float32")
     rows, images, w = _prefix_rows(tok, cfg)
-    plain = _logp_and_grads(model, train_grpo.completion_logprobs, rows, images, w)
+    plain = _logp_and_grads(model, policy.completion_logprobs, rows, images, w)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # checkpointing only acts in training mode
     calls, layer = [], model.model.language_model.layers[0]
     func = layer._gradient_checkpointing_func  # partial(checkpoint, use_reentrant=False): count its calls
     layer._gradient_checkpointing_func = functools.partial(lambda *a, **k: calls.append(1) or func.func(*a, **k),
                                                            **func.keywords)
-    _assert_same(plain, _logp_and_grads(model, train_grpo.shared_prefix_logprobs, rows, images, w))
+    _assert_same(plain, _logp_and_grads(model, policy.shared_prefix_logprobs, rows, images, w))
     assert len(calls) == 2  # the layer was checkpointed in both forwards
     # reentrant checkpointing would run the prompt forward without a graph: wrong gradients, silently
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     with pytest.raises(ValueError, match="use_reentrant=False"):
-        train_grpo.shared_prefix_logprobs(model, rows, images, 0.7)
+        policy.shared_prefix_logprobs(model, rows, images, 0.7)
 
 
 FSDP_GRADS = f"""
@@ -314,12 +314,12 @@ rank, world, device = common.dist_setup()
 model, _, tok, cfg, _ = policy.load("tiny", device, grad_checkpointing=True)
 rows, images, w = _prefix_rows(tok, cfg)
 mine = [i for i, r in enumerate(rows) if r[1] == ("sq", "wide")[rank]]  # a rank per image: prompt lengths differ
-lp, _ = train_grpo.shared_prefix_logprobs(model, [rows[i] for i in mine], images, 0.7)
+lp, _ = policy.shared_prefix_logprobs(model, [rows[i] for i in mine], images, 0.7)
 (lp * w[mine]).sum().backward()  # FSDP averages the ranks' gradients
 grads = {{n: p.grad.full_tensor() for n, p in model.named_parameters()}}
 if rank == 0:
     plain = common.load_model("tiny", "cpu", "float32")[0]
-    lp, _ = train_grpo.completion_logprobs(plain, rows, images, 0.7)
+    lp, _ = policy.completion_logprobs(plain, rows, images, 0.7)
     ((lp * w).sum() / world).backward()
     err = {{n: ((grads[n] - p.grad).norm() / p.grad.norm()).item() for n, p in plain.named_parameters()}}
     print("RESULT", json.dumps(dict(max_rel=max(err.values()), worst=max(err, key=err.get), n=len(err))))
