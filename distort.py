@@ -11,6 +11,10 @@ the evolution votes on pairs of variants of the same original.
     python distort.py --input photo.jpg --sheet sheet.png                      # look at the suite: 35 x 5
     python distort.py --bench                                                  # seconds per type, 1024x768
 
+photos/ (or photo.jpg, koniq.jsonl) is your own unlabelled images: the paper's are KonIQ-10k's 10,073 photographs
+(koniq10k_1024x768.zip from its authors; no label is used). Without any, toy/prepare.py (demo.sh) cuts a pool from
+the photographs that ship inside scikit-image.
+
 Output: `<out>/<ref>.png` (the original, decoded to 8-bit RGB, upright, resized only by --max-side, so every
 image of the pool went through the same decoder) and `<out>/<ref>__<type>_<level>.png` per variant, plus
 `<out>/manifest.jsonl`, one line per image: image (relative to the manifest), ref, distortion (null for the

@@ -251,6 +251,8 @@ def load_labels(paths, image_root=None, group_by=("ref",), label="hard", min_mar
             if votes is None and (min_margin > 0 or min_valid_votes > 1):
                 raise ValueError(f"{where}: --min-margin and --min-valid-votes > 1 need the row's votes wins_a, wins_b")
             given = row.get("p")
+            if "p" not in row:
+                raise ValueError(f"{where}: no label 'p' (vote.py writes it: the pseudo-label p* of Eq. 1), got {row}")
             if label == "hard" and (type(given) not in (int, float) or given not in (0, 0.5, 1)):
                 raise ValueError(f"{where}: p must be 0, 0.5 or 1 (Eq. 1), got {given!r} (a soft p* in (0, 1) needs "
                                  f"--label soft)")

@@ -348,6 +348,7 @@ def test_shared_prefix_gradients_under_fsdp(tmp_path):
     ("corrupt", r"votes\.jsonl:5: image 'b': .*bad\.png: cannot read image"),  # failed when its pair was drawn
     ("malformed", "malformed JSON line"),
     ("p", "p must be 0, 0.5 or 1"),
+    ("no p", r"votes\.jsonl:5: no label 'p'"),
     ("k", "--k must be at least 2"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, case, message):
@@ -362,6 +363,8 @@ def test_bad_input_is_a_clear_error(tmp_path, case, message):
         labels.write_text(text + "{not json\n")
     elif case == "p":
         labels.write_text(text + json.dumps(dict(a="img0.png", b="img1.png", p=0.7)) + "\n")
+    elif case == "no p":
+        labels.write_text(text + json.dumps(dict(a="img0.png", b="img1.png")) + "\n")
     argv = ["--labels", str(labels), "--out", str(tmp_path / "run"), "--k", "1" if case == "k" else "4"]
     with pytest.raises((ValueError, SystemExit), match=message):
         train_grpo.main(argv)
