@@ -418,9 +418,9 @@ def bench_grpo(a, device):
             spec = dict(shape=a.shape, device=str(device), path=path, mult=mult, k=k, pairs=pairs,
                         completion=a.completion, micro_batch=a.micro_batch, steps=a.steps,
                         grad_checkpointing=a.grad_checkpointing)
-            # seconds under the default allocator; memory in a second run under MEMORY_ENV
-            timing, memory = (run_child(spec, a.threads, env) for env in (os.environ, MEMORY_ENV))
-            sides[path] = dict(memory, seconds=timing["seconds"])
+            # seconds under the default allocator; memory in a second run under MEMORY_ENV (--quick: both from one)
+            runs = [run_child(spec, a.threads, env) for env in ((MEMORY_ENV,) if a.quick else (os.environ, MEMORY_ENV))]
+            sides[path] = dict(runs[-1], seconds=runs[0]["seconds"])
         pl, sh = sides["plain"], sides["shared"]
         r = dict(plain=pl, shared=sh, speedup=pl["seconds"] / sh["seconds"], peak_ratio=pl["peak_mib"] / max(sh["peak_mib"], 1e-9),
                  saved_ratio=pl["saved_mib"] / sh["saved_mib"])
