@@ -12,8 +12,8 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
 TOY_PROMPTS = os.path.join(ROOT, "toy", "prompts.json")
-# the files that take a minute or more, slowest first: under `-n 2 --dist loadfile` they start first and the short
-# files fill in beside them, instead of one worker running a long file alone at the end
+# the files that take a minute or more, slowest first: under `-n 2 --dist loadfile --no-loadscope-reorder` (README)
+# they start first and the short files fill in beside them, instead of one worker running a long file alone at the end
 SLOW_FIRST = ("test_demo.py", "test_ablations.py", "test_policy.py", "test_bench.py", "test_memplan.py")
 
 
