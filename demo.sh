@@ -79,15 +79,7 @@ touch "$OUT/timings.tsv" "$OUT/wall.tsv"
 exec > >(tee -a "$OUT/demo.log") 2> >(tee -a "$OUT/demo.log" >&2)
 echo "== demo.sh, DEMO_SCALE=$SCALE, in $OUT, $(date '+%Y-%m-%d %H:%M:%S')"
 
-step() {  # step NAME DONE_PATH COMMAND...: run COMMAND unless DONE_PATH exists, and log its seconds
-    local name=$1 done=$2 t0
-    shift 2
-    if [ -e "$done" ]; then echo "== $name: done already ($done)"; return; fi
-    echo "== $name: $*"
-    t0=$EPOCHREALTIME
-    "$@"
-    awk -v n="$name" -v t0="$t0" -v t1="$EPOCHREALTIME" 'BEGIN { printf "%s\t%.1f\n", n, t1 - t0 }' >> "$OUT/timings.tsv"
-}
+source toy/step.sh  # step NAME DONE_PATH COMMAND...: skipped when DONE_PATH exists, its seconds logged
 
 vote() {  # vote MODEL MANIFEST OUT PAIRS [extra flags]: K votes per pair of one (crop, type) group
     local model=$1 manifest=$2 out=$3 pairs=$4

@@ -33,15 +33,7 @@ fi
 COMMON=(--prompts "$PROMPTS" --no-think)  # the toy prompts, one-token answers, as in demo.sh
 mkdir -p "$OUT"
 
-step() {  # step NAME DONE_PATH COMMAND...: run COMMAND unless DONE_PATH exists, and log its seconds
-    local name=$1 done=$2 t0
-    shift 2
-    if [ -e "$done" ]; then echo "== $name: done already ($done)"; return; fi
-    echo "== $name: $*"
-    t0=$EPOCHREALTIME
-    "$@"
-    awk -v n="$name" -v t0="$t0" -v t1="$EPOCHREALTIME" 'BEGIN { printf "%s\t%.1f\n", n, t1 - t0 }' >> "$OUT/timings.tsv"
-}
+source toy/step.sh  # step NAME DONE_PATH COMMAND...: skipped when DONE_PATH exists, its seconds logged
 
 vote() {  # vote K OUT [flags]: vote.py on the training pool with K queries, the toy's exact one-token path
     local k=$1 out=$2
