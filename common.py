@@ -513,7 +513,8 @@ def next_token(logits, temperature, top_p, top_k, generators, counts):
     """Greedy at temperature 0, else a draw from token_probs. generators[i] draws for the next counts[i] rows, so
     a request's samples depend on its own seed only."""
     if not logits.isfinite().all():  # weights that diverged in training, or overflow: argmax and multinomial would
-        # return garbage or fail deep inside torch without naming the cause
+        # return garbage or fail deep inside torch without naming the cause. A host sync, the second per token (before
+        # multinomial, which on CUDA would hit a device-side assert): small beside the step's forward
         raise FloatingPointError("the model's next-token logits hold NaN or inf (diverged or overflowing weights)")
     if temperature == 0:
         return logits.argmax(-1)
@@ -699,7 +700,7 @@ def sample(model, tokenizer, requests, images, n=1, max_new_tokens=256, temperat
         out[:, t] = tok
         done = done | torch.isin(tok, stops)
         steps = t + 1
-        if t + 1 == max_new_tokens or bool(done.all()):  # the one sync per token: has every row stopped?
+        if t + 1 == max_new_tokens or bool(done.all()):  # a sync per token (next_token's check is the other): all stopped?
             break
         if shared_prefix:
             logits = decode_step(model, cache, tok, next_pos + t, t)
