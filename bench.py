@@ -15,6 +15,7 @@ paper's proportions scaled down: a prompt of ~1,000 image tokens per image and r
     # defaults: 4 pairs, K=32, 1,024 new tokens, micro-batches of 8; activation checkpointing as on CUDA)
     python bench.py --stage memory --shape 7b --world 8 --pairs 4 --k 32 --completion 1024
     python bench.py --stage memory --shape 3b --world 1 --budget 64 --micro-batch 2     # any shape, world, setting
+    python bench.py --stage memory --shape 7b --world 1 --lora 64 --budget 38          # LoRA on one 48 GB GPU
 
 Stages, each printed as a table, then ONE JSON line with every number:
   vote     pairs/s: vote.py's vote_batch (K/2 samples per order from one prefill, --batch-pairs pairs per call)
@@ -35,7 +36,8 @@ Stages, each printed as a table, then ONE JSON line with every number:
            vote_batch through either path), each against its target (PASS / MISS). On CUDA also decode tokens/s
            against the floor a step's bytes set: the text weights + one prompt copy per request + the rows' tokens
   memory   (only when named) memplan.py's plan of --shape on --world ranks: the peak bytes per rank of each phase of
-           a training step against --budget, measured without a GPU (see memplan.py)
+           a training step against --budget, measured without a GPU (see memplan.py); --lora R: train_grpo.py's
+           --lora R
 
 Shapes: tiny (common's built-in model); small (random weights, a width where a CPU is arithmetic-bound);
 7b and 3b (Qwen2.5-VL-7B-Instruct's and -3B-Instruct's config.json values, random bf16 weights, CUDA only but for
@@ -114,7 +116,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=2, help="timed GRPO steps per side (after one warm-up step)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one GRPO side, run by the parent
     # memory plan
-    memplan.add_arguments(p)  # --world, --image-size, --budget
+    memplan.add_arguments(p)  # --world, --image-size, --budget, --lora
     return p.parse_args(argv)
 
 
@@ -668,7 +670,7 @@ def bench_memory(a):
         spec = os.path.join(tmp, a.shape)
         print(f"\n--shape {a.shape}: its config.json with {write_shape(a.shape, spec)} (memplan.py)")
         return memplan.plan(spec, a.world, a.pairs, a.k, a.completion, a.micro_batch, a.grad_checkpointing is not False,
-                            None, a.image_size, a.budget, log=lambda *x: print(*x, flush=True))
+                            None, a.image_size, a.budget, a.lora, log=lambda *x: print(*x, flush=True))
 
 
 # -----------------------------------------------------------------------------

@@ -19,11 +19,16 @@ and extrapolated to the full depth; the fit's prediction of the 3-layer measurem
 parameters, gradients and AdamW's state are arithmetic from the shapes (and the trackers must agree with it); the
 start-up and save transfers are arithmetic on a process size measured here. The table says which figure is which.
 
-For other trainable sets (LoRA adapters over a frozen base): plan(..., prepare=fn, separate_reference=False), see
-plan's docstring.
+With --lora R the policy is train_grpo.py --lora R's: the frozen bf16 base with fp32 adapters on every linear of
+the language model (policy.add_adapters), gradients and AdamW state for the adapters only, and no reference model (the
+reference log-probs are the policy's with its adapters off).
+
+    # 7B with LoRA adapters of rank 64 on one 80 GB GPU
+    python bench.py --stage memory --shape 7b --world 1 --lora 64
 """
 
 import argparse
+import collections
 import contextlib
 import math
 import os
@@ -36,8 +41,10 @@ import time
 import numpy as np
 import torch
 import torch._subclasses.fake_tensor as fake_tensor
+import torch.distributed as dist
 from PIL import Image
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed.tensor import DTensor
 from torch.utils._mode_utils import no_dispatch
 
@@ -57,6 +64,8 @@ def add_arguments(p):
     p.add_argument("--image-size", default="1024x768", help="WxH of every image (KonIQ's 1024x768)")
     p.add_argument("--budget", type=float, default=64,
                    help="GiB per rank a phase may peak at (issue 13's 64 for 80 GB cards, 32 for 40 GB)")
+    p.add_argument("--lora", type=int, default=0, help="rank R of train_grpo.py --lora R's adapters on the frozen bf16 "
+                   "base (0: full fine-tuning)")
 
 
 def parse_args(argv=None):
@@ -128,7 +137,6 @@ def shape_mode():
 @contextlib.contextmanager
 def fake_ranks(world):
     """This process as rank 0 of `world` ranks whose collectives move nothing (torch's fake process group)."""
-    import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
@@ -157,19 +165,22 @@ def cut_checkpoint(spec, layers, blocks, out):
     return out
 
 
-def load_fake(spec, checkpointing, prepare=None, separate_reference=True):
+def load_fake(spec, checkpointing, lora=0, reference=True):
     """
     (policy, reference or None, tokenizer, image_cfg) of checkpoint `spec` in fake tensors, made as policy.load makes
     them on CUDA: policy.build on the meta device, activation checkpointing, policy.shard's FSDP2 units (weights
     gathered in bf16, gradients reduced in fp32), policy.fill (storage allocated, the root's first forward, the
     shards filled by rank 0's broadcast of a bf16 source); the policy's master weights fp32, the reference's bf16.
-    `prepare(model)` runs on the built policy before it is sharded (e.g. adapters added, the base frozen).
+    With `lora` R: the policy is the frozen base in the checkpoint's dtype (bf16, as Qwen2.5-VL's) with fp32 adapters
+    of rank R (alpha 2R, no dropout: train_grpo.py's defaults), and there is no reference (None; nor without
+    `reference`).
     """
     with fake_tensor.unset_fake_temporarily():  # meta tensors, made outside the fake mode (which would wrap them)
-        (model, tok, image_cfg), source = policy.build(spec, torch.float32), policy.build(spec, torch.bfloat16)[0]
-        ref = policy.build(spec, torch.bfloat16)[0] if separate_reference else None
-    if prepare is not None:
-        prepare(model)
+        (model, tok, image_cfg), source = (policy.build(spec, torch.bfloat16 if lora else torch.float32),
+                                           policy.build(spec, torch.bfloat16)[0])
+        ref = policy.build(spec, torch.bfloat16)[0] if reference and not lora else None
+        for m in (model, source) if lora else ():  # rank 0's source carries the initial adapters, as in policy.load
+            policy.add_adapters(m, lora, 2.0 * lora, 0.0, policy.LORA_TARGETS, 0)
     if checkpointing:
         policy.enable_checkpointing(model)
     source.to_empty(device=CPU)  # the checkpoint rank 0 reads: bf16
@@ -183,6 +194,22 @@ def load_fake(spec, checkpointing, prepare=None, separate_reference=True):
 # the trackers around each phase
 
 
+class Tracker(MemTracker):
+    """
+    torch's MemTracker, for models with frozen parameters too (a LoRA run's base): it registers a gradient hook on
+    every parameter of each module it enters, and a tensor that takes no gradient refuses one ("cannot register a hook
+    on a tensor that doesn't require gradient"). A frozen parameter gets a handle that does nothing instead; it is
+    still counted as a parameter.
+    """
+
+    def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+        none = torch.utils.hooks.RemovableHandle(collections.OrderedDict())  # of no hook: remove() is a no-op
+        for p in module.parameters():
+            if not p.requires_grad:
+                self._param_to_grad_hook_handles.setdefault(p, (none, none))
+        return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+
 def tracked_peak(model, optimizer, fn, then=None, inputs=(), fsdp=False):
     """
     {kind: bytes} on this rank at the peak of then(fn()), "Total" their sum: the policy `model`'s shards, gradients
@@ -193,14 +220,12 @@ def tracked_peak(model, optimizer, fn, then=None, inputs=(), fsdp=False):
     and a backward inside the module call below would break it.
     """
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed._tools.mem_tracker import MemTracker
-    from torch.distributed.fsdp import FSDPModule
 
     if fsdp:
         tracker = FSDPMemTracker(model, optimizer)
         tracker.track_inputs(inputs)
     else:
-        tracker = MemTracker()
+        tracker = Tracker()
         tracker.track_external(model, optimizer, *torch.utils._pytree.tree_leaves(inputs))
     outer = torch.nn.Module()  # the tracker takes a second call of the root for a new step: nest fn in a module call
     outer.forward = fn
@@ -211,11 +236,12 @@ def tracked_peak(model, optimizer, fn, then=None, inputs=(), fsdp=False):
     peak = {getattr(k, "value", k): v for k, v in tracker.get_tracker_snapshot("peak")[CPU].items()}
     # and the peak inside each kind of unit, forward and backward: one part of a phase can peak below another with
     # 1-3 layers and above it with 28 (the gradients FSDP holds for every layer until the prompt's backward), so each
-    # is fitted on its own
+    # is fitted on its own. The units: FSDP2's (policy.fsdp_units and the root), the same modules in a plain one
     layers, blocks = set(model.model.language_model.layers), set(model.model.visual.blocks)
+    units = {m for u in policy.fsdp_units(model) for m in (u if isinstance(u, list) else [u])} | {model}
     for module, stats in tracker.memory_tracking.items():
         kind = "decoder layers" if module in layers else "vision blocks" if module in blocks else "other units"
-        for state, snaps in stats.snapshots.items() if isinstance(module, FSDPModule) else ():
+        for state, snaps in stats.snapshots.items() if module in units else ():
             if state.value.startswith("Peak"):
                 key = f"in the {kind}, {state.value.replace('-', ' ').split()[1].lower()}"
                 peak[key] = max([peak.get(key, 0)] + [s[CPU]["Total"] for s in snaps if CPU in s])
@@ -329,12 +355,13 @@ def held_bytes(params, reference, world, grads=False):
             + shard_numel(trainable, world) * (8 + (4 if grads else 0)) + 4 * len(trainable))
 
 
-def measure_depth(spec, setting, prepare=None, separate_reference=True):
-    """(peak {kind: bytes} of each measured phase, the policy's and reference's param_list) of checkpoint `spec`
-    (cut to a few layers and blocks), in the order train_grpo.py's step runs them."""
+def measure_depth(spec, setting):
+    """(peak {kind: bytes} of each measured phase, the policy's and reference's param_list, [bytes of the policy's
+    shards, of AdamW's state] as the tracker saw them) of checkpoint `spec` (cut to a few layers and blocks), the
+    phases in the order train_grpo.py's step runs them."""
     world, tok = setting["world"], setting["tokenizer"]
     with shape_mode():
-        model, ref, _, _ = load_fake(spec, setting["checkpointing"], prepare, separate_reference)
+        model, ref, _, _ = load_fake(spec, setting["checkpointing"], setting["lora"])
         params, ref_params = param_list(model), param_list(ref) if ref is not None else []
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6,
                                       foreach=True)  # what it picks on CUDA
@@ -368,17 +395,24 @@ def measure_depth(spec, setting, prepare=None, separate_reference=True):
         peaks["policy forward + backward"] = tracked_peak(model, optimizer, forward, lambda loss: loss.backward())
         optimizer.zero_grad(set_to_none=True)  # the reference runs before the policy's backward, with no gradients
         if ref is not None:
-            peaks["reference log-probs"] = tracked_peak(model, optimizer, fsdp=True,
-                                                        fn=lambda: torch.no_grad()(logprobs)(ref, rows, images, 1.0))
-        else:  # the policy itself, its adapters off (prepare's business): measured as a no-grad forward of it
-            peaks["reference log-probs"] = tracked_peak(model, optimizer,
-                                                        fn=lambda: torch.no_grad()(logprobs)(model, rows, images, 1.0))
+            peaks["reference log-probs"] = tracked_peak(
+                model, optimizer, fsdp=True, fn=lambda: torch.no_grad()(logprobs)(ref, rows, images, 1.0))
+        else:  # LoRA: the policy with its adapters off, as train_grpo.py runs it
+            def reference():
+                with policy.reference(model, None) as base:
+                    return torch.no_grad()(logprobs)(base, rows, images, 1.0)
+            peaks["reference log-probs"] = tracked_peak(model, optimizer, reference)
+        # what the tracker sees of the policy's shards and AdamW's state (for shards_agree; last: the policy runs no
+        # more under FSDPMemTracker's hooks), FSDPMemTracker's words or, for a plain module, MemTracker's
+        sharded = dist.is_initialized()
+        seen = tracked_peak(model, optimizer, lambda: None, fsdp=sharded)
+        seen = [seen[k] for k in (("Sharded Param", "OptState") if sharded else ("Parameter", "Optstate"))]
         for p in peaks.values():
             p.update({k: v + held for k, v in p.items() if k == "Total" or k.startswith("in the")}, Reference=held)
-        return peaks, params, ref_params
+        return peaks, params, ref_params, seen
 
 
-def full_depth(spec, setting, prepare=None):
+def full_depth(spec, setting):
     """
     (peak bytes of the rollouts' gather above the policy's shards, the policy's param_list, parameters of a decoder
     layer) at the full depth: the gather is a few operations, so it is measured there rather than fitted (its peak is
@@ -386,10 +420,12 @@ def full_depth(spec, setting, prepare=None):
     depth the last one's).
     """
     with shape_mode():
-        model = load_fake(spec, setting["checkpointing"], prepare, separate_reference=False)[0]
+        model = load_fake(spec, setting["checkpointing"], setting["lora"], reference=False)[0]
+        layer = sum(p.numel() for p in model.model.language_model.layers[0].parameters())
+        if not dist.is_initialized():  # a plain module (one process with LoRA): the rollouts run on its own weights
+            return 0, param_list(model), layer
         peak = rollout_peak(model, torch.optim.AdamW(model.parameters()), setting["tokenizer"], setting, "gather")
-        return (peak["Total"] - peak["Sharded Param"], param_list(model),
-                sum(p.numel() for p in model.model.language_model.layers[0].parameters()))
+        return peak["Total"] - peak["Sharded Param"], param_list(model), layer
 
 
 def optimizer_peak(shapes, world):
@@ -442,7 +478,7 @@ def make_setting(spec, a):
     chunk = max(chunks, key=lambda c: (len({rows[j][1] for j in c}), len(c)))
     return dict(world=a.world, pairs=a.pairs, k=a.k, completion=a.completion, micro_batch=a.micro_batch,
                 images=images, requests=requests, chunk=[rows[j] for j in chunk], tokenizer=tok, size=(w, h),
-                checkpointing=a.grad_checkpointing is not False, shared_prefix=a.shared_prefix,
+                checkpointing=a.grad_checkpointing is not False, shared_prefix=a.shared_prefix, lora=a.lora,
                 prompt=len(requests[0][0]), visual=math.prod(images[0][1]) // image_cfg["merge_size"] ** 2)
 
 
@@ -450,13 +486,13 @@ def make_setting(spec, a):
 # the fit and the table
 
 
-def measure(spec, setting, prepare=None, separate_reference=True, log=print):
+def measure(spec, setting, log=print):
     """{(layers, blocks): (peaks of each phase, policy's param_list, reference's)} at every depth of DEPTHS."""
     measured, t0 = {}, time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for depth in DEPTHS:
             cut = cut_checkpoint(spec, *depth, os.path.join(tmp, "%d_%d" % depth))
-            measured[depth] = measure_depth(cut, setting, prepare, separate_reference)
+            measured[depth] = measure_depth(cut, setting)
             log(f"  measured with {depth[0]} decoder layer(s), {depth[1]} vision block(s) ({time.time() - t0:.0f} s)")
     return measured
 
@@ -472,7 +508,7 @@ def fit_phases(measured, world, layers, blocks):
         grads = key == "policy forward + backward"
 
         def rest(depth, part):
-            peaks, params, ref = measured[depth]
+            peaks, params, ref, _ = measured[depth]
             return peaks[key][part] - held_bytes(params, ref, world, grads)
 
         def fit(part, n_layers, n_blocks):
@@ -497,33 +533,28 @@ def phase_name(key):
 
 
 def shards_agree(measured, world):
-    """Whether FSDPMemTracker saw exactly the policy's shards and AdamW's state the arithmetic says, at every
-    measured depth (in the reference's phase, the one it tracks)."""
+    """Whether the tracker saw exactly the policy's shards and AdamW's state the arithmetic says, at every measured
+    depth."""
     return all(
-        m[0]["reference log-probs"]["Sharded Param"] == sum(shard_numel([s], world) * b for s, b, _ in m[1])
-        and m[0]["reference log-probs"]["OptState"] == 8 * shard_numel([s for s, _, t in m[1] if t], world)
-        + 4 * sum(t for *_, t in m[1]) for m in measured.values() if "Sharded Param" in m[0]["reference log-probs"])
+        m[3][0] == sum(shard_numel([s], world) * b for s, b, _ in m[1])
+        and m[3][1] == 8 * shard_numel([s for s, _, t in m[1] if t], world) + 4 * sum(t for *_, t in m[1])
+        for m in measured.values())
 
 
 def plan(spec, world=8, pairs=None, k=None, completion=None, micro_batch=None, grad_checkpointing=True,
-         shared_prefix=None, image_size="1024x768", budget=64, prepare=None, separate_reference=True, log=print):
+         shared_prefix=None, image_size="1024x768", budget=64, lora=0, log=print):
     """
     Print and return the memory plan per rank of train_grpo.py on `world` ranks for checkpoint directory `spec`
-    (config.json and tokenizer files; no weight is read), with train_grpo.py's settings (None: its defaults).
-
-    Other trainable sets (the LoRA rows of README's "What fits where"): `prepare(model)` is called on the policy
-    right after policy.build, before activation checkpointing and sharding, as a LoRA run would add its adapters and
-    freeze the base (requires_grad False; a bf16 base: model.to(bf16) of the frozen part). Only parameters with
-    requires_grad get AdamW state and gradients, in the measurements and in the arithmetic; frozen ones count at
-    their own dtype. `separate_reference=False`: the reference is the policy itself (adapters off), no second model
-    (its log-probs are measured as a no-grad forward of the policy).
+    (config.json and tokenizer files; no weight is read), with train_grpo.py's settings (None: its defaults), and
+    with `lora` R its --lora R (see load_fake): only parameters with requires_grad get gradients and AdamW state, in
+    the measurements and in the arithmetic, frozen ones count at their own dtype, and no reference is held.
     """
     from transformers import AutoConfig
 
     d, t0 = defaults(), time.time()
     a = argparse.Namespace(world=world, pairs=pairs or d.batch_pairs, k=k or d.k,
                            completion=completion or d.max_new_tokens, micro_batch=micro_batch or d.micro_batch,
-                           grad_checkpointing=grad_checkpointing, image_size=image_size,
+                           grad_checkpointing=grad_checkpointing, image_size=image_size, lora=lora,
                            shared_prefix=d.shared_prefix if shared_prefix is None else shared_prefix)
     setting = make_setting(spec, a)
     config = AutoConfig.from_pretrained(spec)
@@ -534,11 +565,13 @@ def plan(spec, world=8, pairs=None, k=None, completion=None, micro_batch=None, g
         f"images of {image_size} ({setting['visual']} visual tokens, prompts of {P} tokens) x K={K} = {R} rollouts of "
         f"{T} new tokens; log-probs in micro-batches of {a.micro_batch} completions "
         f"({'shared-prefix' if a.shared_prefix else 'plain'} path); activation checkpointing "
-        f"{'on' if setting['checkpointing'] else 'off'}")
-    with fake_ranks(world):
-        measured = measure(spec, setting, prepare, separate_reference, log)
-        gather, params, layer = full_depth(spec, setting, prepare)
-    ref_params = [(s, 2, False) for s, _, _ in params] if separate_reference else []  # bf16, frozen
+        f"{'on' if setting['checkpointing'] else 'off'}"
+        + (f"; LoRA adapters of rank {lora} on the frozen bf16 base, no reference model" if lora else ""))
+    plain = bool(lora) and world == 1  # one process with LoRA: a plain module, no process group (init_single_process)
+    with contextlib.nullcontext() if plain else fake_ranks(world):
+        measured = measure(spec, setting, log)
+        gather, params, layer = full_depth(spec, setting)
+    ref_params = [] if lora else [(s, 2, False) for s, _, _ in params]  # bf16, frozen
     trainable = [s for s, _, t in params if t]
     opt_peak = optimizer_peak(trainable, world)
     full_rest, check = fit_phases(measured, world, text.num_hidden_layers, vision.depth)
@@ -549,7 +582,7 @@ def plan(spec, world=8, pairs=None, k=None, completion=None, micro_batch=None, g
     agrees = shards_agree(measured, world)
     held = {g: held_bytes(params, ref_params, world, g) for g in (False, True)}
     total = sum(math.prod(s) for s, _, _ in params)
-    largest = max(math.prod(s) for s, _, _ in params)
+    largest, itemsize = max((math.prod(s), b) for s, b, _ in params)
     kv_token = 2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads
                                                                         ) * 2  # bytes per token (bf16 keys, values)
     kv = {True: (B * P + R * T) * kv_token,  # one prompt copy per request, each row's room for T tokens
@@ -562,20 +595,26 @@ def plan(spec, world=8, pairs=None, k=None, completion=None, micro_batch=None, g
     rows += [dict(phase=key, how="measured", shards=held[key == "policy forward + backward"], kv=0,
                   rest=full_rest[key]) for key in full_rest if isinstance(key, str)]
     bf16_copy = 2 * total  # the checkpoint rank 0 reads (memory-mapped) at start-up and gathers at a save
+    # on the device: a tensor in flight at start-up (broadcast, then its slice cast) and at a save (gathered in bf16);
+    # a plain module (one process with LoRA) copies its weights in and out as they lie. With LoRA a save merges each
+    # adapted linear W [out, in] in fp32: B A, W in fp32, their sum and its scaled term, 16 bytes an element (18 with
+    # W gathered); trainable lists each adapter's A [R, in] then its B [out, R]
+    merged = max((b[0] * a[1] for a, b in zip(trainable[0::2], trainable[1::2])), default=0) if lora else 0
+    start_rest = 0 if plain else 2 * largest + itemsize * largest // world
+    save_rest = max(0 if plain else 2 * largest + 2 * largest // world, (16 if plain else 18) * merged)
     host_target = rss + bf16_copy + held[False]  # issue 13: the process, one bf16 copy on rank 0 and the shards
     rows = [dict(phase="start-up, host, rank 0", how="computed", shards=0, rest=rss + bf16_copy, kv=0,
                  target=host_target),
             dict(phase="start-up, host, other ranks", how="computed", shards=0, rest=rss, kv=0,
                  target=host_target - bf16_copy),
-            dict(phase="start-up, device", how="computed", kv=0, rest=2 * largest + 4 * largest // world,
+            dict(phase="start-up, device", how="computed", kv=0, rest=start_rest,
                  shards=sum(shard_numel([s], world) * b for s, b, _ in params + ref_params))] + rows + [
             dict(phase="optimizer step", how="measured", shards=held[True], kv=0,  # measured on the trainable
                  rest=opt_peak - held_bytes([(s, 4, True) for s in trainable], [], world, True)),  # shards only
-            dict(phase="save, device", how="computed", shards=held[False], kv=0,
-                 rest=2 * largest + 2 * largest // world),
+            dict(phase="save, device", how="computed", shards=held[False], kv=0, rest=save_rest),
             dict(phase="save, host, rank 0", how="computed", shards=0, rest=rss + bf16_copy, kv=0, target=host_target),
-            dict(phase="save, host, other ranks", how="computed", shards=0, rest=rss + 4 * math.ceil(largest / world),
-                 kv=0, target=host_target - bf16_copy)]
+            dict(phase="save, host, other ranks", how="computed", shards=0, kv=0,
+                 rest=rss + 4 * math.ceil(max(map(math.prod, trainable)) / world), target=host_target - bf16_copy)]
     log(f"  {'phase':46s} {'how':>9s} {'shards':>7s} {'rest':>7s} {'of it KV':>8s} {'peak':>7s} {'target':>7s}  GiB")
     for r in rows:
         r.setdefault("target", budget)
@@ -593,12 +632,16 @@ def plan(spec, world=8, pairs=None, k=None, completion=None, micro_batch=None, g
     log(f"  rollouts, the rest part by part: the gather of every unit {parts['gather'] / GIB:.2f} (measured at full "
         f"depth), the prefill {parts['prefill'] / GIB:.2f}, the decode {parts[True] / GIB:.2f} (one prompt copy), "
         f"{parts[False] / GIB:.2f} (prompt copied per row) GiB")
-    log(f"  shards (computed): the policy's fp32 master weights and AdamW's moments (and fp32 gradients where they "
-        f"exist) and the reference's bf16 weights, 1/{world} each, FSDP2's padding of dim 0 included; FSDPMemTracker "
-        f"saw exactly the policy's and AdamW's at every measured depth: {'yes' if agrees else 'NO'}")
-    log(f"  rest, measured: torch's memory trackers under FakeTensorMode, this process rank 0 of a fake {world}-rank "
-        f"process group, the real code at the real width, image size and token counts with (decoder layers, vision "
-        f"blocks) = {' '.join(f'({x},{y})' for x, y in DEPTHS)}, fitted per layer and per block and extrapolated to "
+    log("  shards (computed): " + ("the frozen bf16 base and the fp32 adapters with AdamW's moments (and fp32 "
+        "gradients where they exist)" if lora else "the policy's fp32 master weights and AdamW's moments (and fp32 "
+        "gradients where they exist) and the reference's bf16 weights") + f", 1/{world} each, FSDP2's padding of dim "
+        f"0 included; the tracker saw exactly the policy's and AdamW's at every measured depth: "
+        f"{'yes' if agrees else 'NO'}")
+    log("  rest, measured: torch's memory trackers under FakeTensorMode, " + (
+        "one process, a plain module (LoRA on one GPU: no FSDP2, no gather)" if plain else
+        f"this process rank 0 of a fake {world}-rank process group") + ", the real code at the real width, image "
+        f"size and token counts with (decoder layers, vision blocks) = {' '.join(f'({x},{y})' for x, y in DEPTHS)}, "
+        f"fitted per layer and per block and extrapolated to "
         f"({text.num_hidden_layers},{vision.depth}); the rollouts' gather and the optimizer step at full depth. "
         f"Computed: start-up (rank 0 reads the checkpoint once in bf16, memory-mapped, and broadcasts a tensor at a "
         f"time; the other ranks receive on the device) and save (a parameter at a time gathered in bf16 to rank 0's "
@@ -615,7 +658,7 @@ def plan(spec, world=8, pairs=None, k=None, completion=None, micro_batch=None, g
         log(f"    {c['phase']:46s} predicted {c['predicted_gib']:8.3f} GiB, measured {c['measured_gib']:8.3f} GiB, "
             f"error {c['error']:.2%} ({'the whole phase' if c['part'] == 'Total' else c['part']}: its peak at full "
             f"depth)")
-    return dict(world=world, pairs=a.pairs, k=K, completion=T, micro_batch=a.micro_batch,
+    return dict(world=world, lora=lora, pairs=a.pairs, k=K, completion=T, micro_batch=a.micro_batch,
                 grad_checkpointing=setting["checkpointing"], shared_prefix=a.shared_prefix, image=list(setting["size"]),
                 prompt_tokens=P, parameters=total, trainable=sum(math.prod(s) for s in trainable), budget_gib=budget /
                 GIB, phases=rows, check=check, shards_agree=agrees, fixes=fixes,
@@ -645,7 +688,7 @@ def main(argv=None):
     a = parse_args(argv)
     torch.set_num_threads(1)
     return plan(a.model, a.world, a.pairs, a.k, a.completion, a.micro_batch, a.grad_checkpointing, a.shared_prefix,
-                a.image_size, a.budget)
+                a.image_size, a.budget, a.lora)
 
 
 if __name__ == "__main__":

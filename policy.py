@@ -8,7 +8,8 @@ Start-up (load): every rank builds the model on the meta device (shapes, no memo
 its own shards only, and fills them from ONE read of --model: rank 0 reads the checkpoint in its own dtype, memory-
 mapped, and broadcasts it one tensor at a time; each rank keeps its slice and casts it to fp32. A rank holds its
 shards plus the tensor in flight, never a full copy (rank 0 also the file pages it has sent). One CUDA process runs
-the same path on a 1-rank process group; one CPU process keeps plain modules (fp32, exact: the tests' oracle).
+the same path on a 1-rank process group, but with LoRA; one CPU process keeps plain modules (fp32, exact: the tests'
+oracle).
 
 Precision: master weights, gradients and their reduction, and AdamW's state are fp32 (bf16 master weights would
 lose AdamW's updates at the paper's lr: train_grpo.py refuses them). On CUDA, FSDP2 gathers the weights in bf16
@@ -17,8 +18,11 @@ and the forward and backward run in bf16; the reference lives in bf16. On CPU ev
 LoRA (--lora R): every targeted linear becomes base(x) + (alpha / R) * B A x, A [R, in] and B [out, R] fp32 and
 trained (B starts at 0: step 0 is the base model exactly), the base frozen in the checkpoint's dtype on CUDA (bf16
 for the released model: the compute is bf16 anyway) and in fp32 on CPU, with no gradient and no optimizer state. FSDP2
-shards per parameter, so the frozen base and the adapters share their layer's unit. There is no reference copy: the
-reference is the same model with its adapters off (reference()), which is the base exactly.
+shards per parameter, so the frozen base and the adapters share their layer's unit. One process with LoRA keeps a plain
+module instead (no FSDP2): the base is in its compute dtype already, the adapters are cast to it in their forward (as
+FSDP2 casts them), and the rollouts then run on the weights as they are, where FSDP2 on one rank would gather a second
+copy of the whole base for them (15.7 GiB at 7B: memplan.py). There is no reference copy: the reference is the same
+model with its adapters off (reference()), which is the base exactly.
 
 Checkpoints, <out>/step_<N>/:
     a Hugging Face model directory (config, safetensors, tokenizer, pixel limits) in --save-dtype, by default the dtype
@@ -70,10 +74,10 @@ def _barrier():
 # start-up: build on the meta device, shard, fill from one read
 
 
-def init_single_process(device):
+def init_single_process(device, lora=False):
     """One CUDA process: a 1-rank process group, so that it takes the FSDP2 path (bf16 compute over fp32 master
-    weights) that torchrun's ranks take."""
-    if device.type == "cuda" and not dist.is_initialized():
+    weights) that torchrun's ranks take. Not with `lora`: a plain module then (see LoRA at the top)."""
+    if device.type == "cuda" and not dist.is_initialized() and not lora:
         dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=device)
 
 
@@ -215,7 +219,8 @@ class LoRALinear(torch.nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if not self.enabled:
             return y
-        return y + self.scale * F.linear(F.linear(F.dropout(x, self.dropout, self.training), self.lora_A), self.lora_B)
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)  # fp32 kept, bf16 compute on a plain bf16 base
+        return y + self.scale * F.linear(F.linear(F.dropout(x, self.dropout, self.training), a), b)
 
 
 def lora_modules(model, targets):

@@ -7,7 +7,9 @@ pseudo-labels with the fidelity reward. One run = one round: start from --model,
         --labels round1/votes.jsonl --out round1/ --batch-pairs 4 --max-new-tokens 1024 \
         --micro-batch 4 --save-every 50
     # more nodes: torchrun's own flags (--nnodes, --node-rank, --rdzv-endpoint); nothing else changes
-    # 7B on one GPU: LoRA adapters (rank 64) on the frozen bf16 base, no reference copy (README: LoRA)
+    # 7B on one GPU: LoRA adapters (rank 64) on the frozen bf16 base, no reference copy (README: LoRA); the paper's
+    # 4 pairs x K=32 x 1,024 tokens peak at 34.2 GiB (memplan.py), so 48 GB cards fit; 24 GB ones at --batch-pairs 1
+    # --max-new-tokens 256 --micro-batch 1 (README: What fits where)
     python train_grpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --labels round1/votes.jsonl --out round1/ --lora 64 \
         --lr 1e-5
     # one GPU: the same FSDP2 path on one rank; one CPU process: plain fp32 modules
@@ -29,7 +31,8 @@ CUDA, activation checkpointing (on by default on CUDA), LoRA, the rollouts' weig
 
 --lora R trains low-rank adapters on the frozen base instead of every weight: the base stays in --model's dtype on
 CUDA (fp32 on CPU) with no gradient or optimizer state, the adapters are fp32 with AdamW, and the reference log-probs
-come from the same model with its adapters off (no second model). step_<N>/ holds the merged weights, which every
+come from the same model with its adapters off (no second model). One process with LoRA keeps a plain module (no
+FSDP2, whose one rank would copy the whole base for the rollouts). step_<N>/ holds the merged weights, which every
 stage loads as it loads any checkpoint, and the adapters alone (adapter.safetensors, adapter_config.json).
 
 Log-probs (policy, pi_old, reference) take the shared-prefix path by default: per micro-batch, one forward
@@ -521,7 +524,7 @@ def main(argv=None):
     record = resume_record(args, prompts)
     resume_dir = policy.latest_checkpoint(args.out) if args.resume else None
     saved = policy.check_resume(resume_dir, record, world) if resume_dir else None
-    policy.init_single_process(device)  # one CUDA process: FSDP2 on one rank, the same path as torchrun's
+    policy.init_single_process(device, args.lora)  # one CUDA process: FSDP2 on one rank, as torchrun's (not LoRA's)
     checkpointing = device.type == "cuda" if args.grad_checkpointing is None else args.grad_checkpointing
     common.print0(f"activation checkpointing {'on' if checkpointing else 'off'}"
                   + (f" (the default on {device.type})" if args.grad_checkpointing is None else ""))

@@ -714,7 +714,7 @@ def test_activation_checkpointing_is_on_by_default_on_cuda_only(tmp_path, monkey
         raise _Loaded
 
     monkeypatch.setattr(common, "dist_setup", lambda: (0, 1, torch.device(device)))
-    monkeypatch.setattr(policy, "init_single_process", lambda device: None)
+    monkeypatch.setattr(policy, "init_single_process", lambda device, lora: None)
     monkeypatch.setattr(policy, "load", load)
     with pytest.raises(_Loaded):
         train_grpo.main(["--labels", str(labels), "--out", str(tmp_path / "run"), "--k", "2"] + flag)
