@@ -8,8 +8,8 @@ pseudo-labels with the fidelity reward. One run = one round: start from --model,
         --micro-batch 4 --save-every 50
     # more nodes: torchrun's own flags (--nnodes, --node-rank, --rdzv-endpoint); nothing else changes
     # 7B on one GPU: LoRA adapters (rank 64) on the frozen bf16 base, no reference copy (README: LoRA); the paper's
-    # 4 pairs x K=32 x 1,024 tokens peak at 34.2 GiB (memplan.py), so 48 GB cards fit; 24 GB ones at --batch-pairs 1
-    # --max-new-tokens 256 --micro-batch 1 (README: What fits where)
+    # 4 pairs x K=32 x 1,024 tokens peak at 34.2 GiB (memplan.py), so 48 GB cards fit; 24 GB ones at --lora 16
+    # --batch-pairs 1 --max-new-tokens 512 --micro-batch 1 (README: What fits where)
     python train_grpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --labels round1/votes.jsonl --out round1/ --lora 64 \
         --lr 1e-5
     # one GPU: the same FSDP2 path on one rank; one CPU process: plain fp32 modules
