@@ -227,19 +227,23 @@ def lora_modules(model, targets):
     """
     {name: linear} the adapters go on, in the model's order. A target is the end of a module name: in the language
     model's decoder layers (q_proj, mlp.down_proj), or with the prefix `visual.` in the vision tower (visual.qkv,
-    visual.mlp.down_proj, visual.merger.mlp.0): the vision tower stays frozen unless a target names it.
+    visual.mlp.down_proj, visual.merger.mlp.0): the vision tower stays frozen unless a target names it. `lm_head`
+    names the output projection (not when it is tied to the token embedding: the merge would change both).
     """
-    scopes = [("model.visual." if t.startswith("visual.") else "model.language_model.layers.",
-               t.removeprefix("visual.")) for t in targets]
-    hits = lambda name, scope, end: name.startswith(scope) and name.endswith("." + end)
+    scopes = [("model.visual." if t.startswith("visual.") else "" if t == "lm_head" else
+               "model.language_model.layers.", t.removeprefix("visual.")) for t in targets]
+    hits = lambda name, scope, end: name.startswith(scope) and name.endswith("." + end) if scope else name == end
+    if "lm_head" in targets and model.config.tie_word_embeddings:
+        raise ValueError("--lora-targets: lm_head is tied to the token embedding in this model (its merged weight "
+                         "would change the embedding too)")
     found = {n: m for n, m in model.named_modules()
              if isinstance(m, torch.nn.Linear) and any(hits(n, s, e) for s, e in scopes)}
     for t, (s, e) in zip(targets, scopes):
         if not any(hits(n, s, e) for n in found):
             where = "vision tower" if s == "model.visual." else "language model"
             raise ValueError(f"--lora-targets: '{t}' names no linear of the {where} (the language model's end in "
-                             f"{', '.join(LORA_TARGETS)}; the vision tower's are visual.qkv, visual.attn.proj, "
-                             f"visual.mlp.gate_proj, ..., visual.merger.mlp.0)")
+                             f"{', '.join(LORA_TARGETS)}, or lm_head; the vision tower's are visual.qkv, "
+                             f"visual.attn.proj, visual.mlp.gate_proj, ..., visual.merger.mlp.0)")
     return found
 
 

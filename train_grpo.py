@@ -133,9 +133,9 @@ def parse_args(argv=None):
     ap.add_argument("--lora-alpha", type=float, help="adapter scale alpha / R (default: alpha = 2R, a scale of 2 at any "
                     "rank)")
     ap.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default: 0)")
-    ap.add_argument("--lora-targets", help="comma-separated ends of linear names: in the language model's layers, or "
-                    "visual.<end> in the vision tower, frozen unless named (default: " + ",".join(policy.LORA_TARGETS)
-                    + ", every linear of the language model's attention and MLP)")
+    ap.add_argument("--lora-targets", help="comma-separated ends of linear names: in the language model's layers, "
+                    "lm_head, or visual.<end> in the vision tower, frozen unless named (default: "
+                    + ",".join(policy.LORA_TARGETS) + ", every linear of the language model's attention and MLP)")
     # distributed/memory
     ap.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                     help="activation checkpointing of every decoder layer and vision block (default: on on CUDA, off "

@@ -231,6 +231,28 @@ def test_defaults_and_unknown_targets():
         policy.lora_modules(model, ["q_proj", "qkv"])  # the vision tower's needs its prefix
 
 
+
+def test_lm_head_target_merges_as_the_others_and_a_tied_head_is_refused():
+    """--lora-targets ...,lm_head (what the toy needs, README: LoRA): the output projection gets an adapter too, and
+    the merged checkpoint is the adapter model's function (exact in float64, the merge's fp32 W being exact there); a
+    head tied to the token embedding is refused, its merge would change the embedding too."""
+    model, tok, cfg = common.load_model("tiny", "cpu", "float32")
+    base = copy.deepcopy(model).double()
+    policy.add_adapters(model, **{**LORA, "targets": list(policy.LORA_TARGETS) + ["lm_head"]})
+    assert list(policy.adapters(model))[-1] == "lm_head" and len(policy.adapters(model)) == 15
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in policy.adapters(model).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
+    merged = policy.gather(model.double(), torch.float64)[0]
+    assert not torch.equal(merged["lm_head.weight"], base.lm_head.weight)
+    base.load_state_dict(merged)
+    assert (_logits(base, tok, cfg) - _logits(model, tok, cfg)).abs().max() < 1e-12
+    tied = common.load_model("tiny", "meta", "float32")[0]
+    tied.config.tie_word_embeddings = True
+    with pytest.raises(ValueError, match="lm_head is tied to the token embedding"):
+        policy.lora_modules(tied, ["q_proj", "lm_head"])
+
 # -----------------------------------------------------------------------------
 # train_grpo.py --lora end to end: 2 FSDP ranks equal one process; kill + --resume is bit for bit
 
