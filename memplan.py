@@ -415,17 +415,18 @@ def measure_depth(spec, setting):
 def full_depth(spec, setting):
     """
     (peak bytes of the rollouts' gather above the policy's shards, the policy's param_list, parameters of a decoder
-    layer) at the full depth: the gather is a few operations, so it is measured there rather than fitted (its peak is
-    one unit's gather buffer on top of the units gathered before it: with few layers the largest unit's, at full
-    depth the last one's).
+    layer, elements of the largest weight with an adapter) at the full depth: the gather is a few operations, so it is
+    measured there rather than fitted (its peak is one unit's gather buffer on top of the units gathered before it:
+    with few layers the largest unit's, at full depth the last one's).
     """
     with shape_mode():
         model = load_fake(spec, setting["checkpointing"], setting["lora"], reference=False)[0]
         layer = sum(p.numel() for p in model.model.language_model.layers[0].parameters())
+        adapted = max((m.weight.numel() for m in policy.adapters(model).values()), default=0)
         if not dist.is_initialized():  # a plain module (one process with LoRA): the rollouts run on its own weights
-            return 0, param_list(model), layer
+            return 0, param_list(model), layer, adapted
         peak = rollout_peak(model, torch.optim.AdamW(model.parameters()), setting["tokenizer"], setting, "gather")
-        return peak["Total"] - peak["Sharded Param"], param_list(model), layer
+        return peak["Total"] - peak["Sharded Param"], param_list(model), layer, adapted
 
 
 def optimizer_peak(shapes, world):
@@ -570,7 +571,7 @@ def plan(spec, world=8, pairs=None, k=None, completion=None, micro_batch=None, g
     plain = bool(lora) and world == 1  # one process with LoRA: a plain module, no process group (init_single_process)
     with contextlib.nullcontext() if plain else fake_ranks(world):
         measured = measure(spec, setting, log)
-        gather, params, layer = full_depth(spec, setting)
+        gather, params, layer, adapted = full_depth(spec, setting)
     ref_params = [] if lora else [(s, 2, False) for s, _, _ in params]  # bf16, frozen
     trainable = [s for s, _, t in params if t]
     opt_peak = optimizer_peak(trainable, world)
@@ -598,10 +599,9 @@ def plan(spec, world=8, pairs=None, k=None, completion=None, micro_batch=None, g
     # on the device: a tensor in flight at start-up (broadcast, then its slice cast) and at a save (gathered in bf16);
     # a plain module (one process with LoRA) copies its weights in and out as they lie. With LoRA a save merges each
     # adapted linear W [out, in] in fp32: B A, W in fp32, their sum and its scaled term, 16 bytes an element (18 with
-    # W gathered); trainable lists each adapter's A [R, in] then its B [out, R]
-    merged = max((b[0] * a[1] for a, b in zip(trainable[0::2], trainable[1::2])), default=0) if lora else 0
+    # W gathered), `adapted` the elements of the largest such W
     start_rest = 0 if plain else 2 * largest + itemsize * largest // world
-    save_rest = max(0 if plain else 2 * largest + 2 * largest // world, (16 if plain else 18) * merged)
+    save_rest = max(0 if plain else 2 * largest + 2 * largest // world, (16 if plain else 18) * adapted)
     host_target = rss + bf16_copy + held[False]  # issue 13: the process, one bf16 copy on rank 0 and the shards
     rows = [dict(phase="start-up, host, rank 0", how="computed", shards=0, rest=rss + bf16_copy, kv=0,
                  target=host_target),
