@@ -177,7 +177,7 @@ def test_trainable_is_fp32_adapters_over_a_bf16_base_and_refuses_bf16_masters():
 def test_one_process_trains_a_plain_bf16_base_with_fp32_adapters():
     """One CUDA process with LoRA: no process group (init_single_process), so no FSDP2 to cast the adapters; the base
     in bf16 as policy.load leaves it there, the fp32 adapters cast in their forward. Oracles: FSDP2's bf16 compute,
-    every weight cast to bf16 (a copy with bf16 adapters), bit for bit on the plain path, its gradients then cast to
+    every parameter cast to bf16 (a copy with bf16 adapters), bit for bit on the plain path, its gradients then cast to
     fp32 as FSDP2's reduction does (on the shared-prefix path a linear runs twice and the copy would sum its two
     gradients in bf16, here in fp32); and the same weights in fp32, within bf16's rounding (here on CPU)."""
     import torch.distributed as dist
@@ -189,7 +189,10 @@ def test_one_process_trains_a_plain_bf16_base_with_fp32_adapters():
     policy.add_adapters(plain, **LORA)
     policy.fill(plain, model, CPU)
     assert {p.dtype for p in plain.parameters() if p.requires_grad} == {torch.float32}
-    cast = copy.deepcopy(plain).to(torch.bfloat16)
+    cast = copy.deepcopy(plain)  # FSDP2 casts the parameters, not the buffers (the rotary inv_freq stays fp32)
+    with torch.no_grad():
+        for p in cast.parameters():
+            p.data = p.data.to(torch.bfloat16)
     rows, images, w = _prefix_rows(tok, cfg)
     got = _logp_and_grads(plain, policy.completion_logprobs, rows, images, w)
     fsdp = _logp_and_grads(cast, policy.completion_logprobs, rows, images, w)

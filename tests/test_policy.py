@@ -1,6 +1,7 @@
 """
 policy.py at the real Qwen2.5-VL-7B shapes (../shared/models, no weights): start-up from one read on 2 gloo ranks,
-start-up memory per rank, the checkpoint's Hugging Face weights and sharded resume state, resume bit for bit.
+start-up memory per rank, the checkpoint's Hugging Face weights and sharded resume state, resume bit for bit, and
+one GPU's LoRA on the bf16 base.
 """
 
 import json
@@ -179,3 +180,37 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(real_run, real_ckpt
     resumed = train(real_ckpt, real_run.parent / "votes.jsonl", tmp_path / "run", "--resume")
     for f in ("model.safetensors", "resume/__0_0.distcp"):
         assert (resumed / "step_2" / f).read_bytes() == (real_run / "step_2" / f).read_bytes(), f
+
+
+def test_one_gpu_lora_on_the_bf16_base_is_fsdp2s_bf16_compute(real_ckpt):
+    """One CUDA process with LoRA runs a plain module (policy.init_single_process): the bf16 base as the checkpoint
+    holds it, fp32 adapters (here on lm_head too: the real 152,064-row head, untied) cast in their forward. At the real
+    shapes it equals FSDP2's bf16 compute, every parameter cast to bf16 and the buffers (rotary inv_freq) kept fp32,
+    bit for bit: log-probs, and the adapters' gradients once cast to fp32. (On CPU: bf16 kernels, no GPU here.)"""
+    import copy
+
+    import policy
+    from test_train_grpo import _logp_and_grads, _prefix_rows
+
+    lora = dict(r=8, alpha=16.0, dropout=0.0, targets=list(policy.LORA_TARGETS) + ["lm_head"], seed=0)
+    source, tok, cfg = common.load_model(real_ckpt, "cpu", "auto")
+    assert next(source.parameters()).dtype == torch.bfloat16 and not source.config.tie_word_embeddings
+    policy.add_adapters(source, **lora)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in policy.adapters(source).values():  # B as training leaves it (at 0, A gets no gradient)
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.02)
+    plain = policy.build(real_ckpt, torch.bfloat16)[0]  # as policy.load builds the base on CUDA
+    policy.add_adapters(plain, **lora)
+    policy.fill(plain, source, torch.device("cpu"))
+    cast = copy.deepcopy(plain)
+    with torch.no_grad():
+        for p in cast.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    rows, images, w = _prefix_rows(tok, cfg)
+    got = _logp_and_grads(plain, policy.completion_logprobs, rows, images, w)
+    want = _logp_and_grads(cast, policy.completion_logprobs, rows, images, w)
+    assert torch.equal(got[0], want[0])
+    assert got[2].keys() == {f"{n}.lora_{x}" for n in policy.adapters(plain) for x in "AB"} and len(got[2]) == 30
+    for n, grad in got[2].items():
+        assert grad.dtype == torch.float32 and grad.norm() > 0 and torch.equal(grad, want[2][n].float()), n
