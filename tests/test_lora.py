@@ -174,6 +174,20 @@ def test_trainable_is_fp32_adapters_over_a_bf16_base_and_refuses_bf16_masters():
         train_grpo.parse_args(["--labels", "x.jsonl", "--out", "o", "--lora", "8", "--dtype", "bfloat16"])
 
 
+def plain_bf16_and_fsdp2_cast(spec, source, lora):
+    """(one GPU's LoRA policy as policy.load builds it: the base in bf16, fp32 adapters, filled from `source`; the
+    oracle of FSDP2's bf16 compute: a copy with every parameter cast to bf16, the buffers (the rotary inv_freq) kept
+    fp32, as FSDP2 leaves them)."""
+    plain = policy.build(spec, torch.bfloat16)[0]
+    policy.add_adapters(plain, **lora)
+    policy.fill(plain, source, CPU)
+    cast = copy.deepcopy(plain)
+    with torch.no_grad():
+        for p in cast.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    return plain, cast
+
+
 def test_one_process_trains_a_plain_bf16_base_with_fp32_adapters():
     """One CUDA process with LoRA: no process group (init_single_process), so no FSDP2 to cast the adapters; the base
     in bf16 as policy.load leaves it there, the fp32 adapters cast in their forward. Oracles: FSDP2's bf16 compute,
@@ -185,14 +199,8 @@ def test_one_process_trains_a_plain_bf16_base_with_fp32_adapters():
     policy.init_single_process(torch.device("cuda"), lora=True)
     assert not dist.is_initialized()
     model, tok, cfg, _ = _lora_model(scale=0.05)  # fp32 throughout
-    plain = policy.build("tiny", torch.bfloat16)[0]  # as policy.load builds the base on CUDA
-    policy.add_adapters(plain, **LORA)
-    policy.fill(plain, model, CPU)
+    plain, cast = plain_bf16_and_fsdp2_cast("tiny", model, LORA)
     assert {p.dtype for p in plain.parameters() if p.requires_grad} == {torch.float32}
-    cast = copy.deepcopy(plain)  # FSDP2 casts the parameters, not the buffers (the rotary inv_freq stays fp32)
-    with torch.no_grad():
-        for p in cast.parameters():
-            p.data = p.data.to(torch.bfloat16)
     rows, images, w = _prefix_rows(tok, cfg)
     got = _logp_and_grads(plain, policy.completion_logprobs, rows, images, w)
     fsdp = _logp_and_grads(cast, policy.completion_logprobs, rows, images, w)

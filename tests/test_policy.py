@@ -187,9 +187,8 @@ def test_one_gpu_lora_on_the_bf16_base_is_fsdp2s_bf16_compute(real_ckpt):
     holds it, fp32 adapters (here on lm_head too: the real 152,064-row head, untied) cast in their forward. At the real
     shapes it equals FSDP2's bf16 compute, every parameter cast to bf16 and the buffers (rotary inv_freq) kept fp32,
     bit for bit: log-probs, and the adapters' gradients once cast to fp32. (On CPU: bf16 kernels, no GPU here.)"""
-    import copy
-
     import policy
+    from test_lora import plain_bf16_and_fsdp2_cast
     from test_train_grpo import _logp_and_grads, _prefix_rows
 
     lora = dict(r=8, alpha=16.0, dropout=0.0, targets=list(policy.LORA_TARGETS) + ["lm_head"], seed=0)
@@ -200,13 +199,7 @@ def test_one_gpu_lora_on_the_bf16_base_is_fsdp2s_bf16_compute(real_ckpt):
     with torch.no_grad():
         for m in policy.adapters(source).values():  # B as training leaves it (at 0, A gets no gradient)
             m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.02)
-    plain = policy.build(real_ckpt, torch.bfloat16)[0]  # as policy.load builds the base on CUDA
-    policy.add_adapters(plain, **lora)
-    policy.fill(plain, source, torch.device("cpu"))
-    cast = copy.deepcopy(plain)
-    with torch.no_grad():
-        for p in cast.parameters():
-            p.data = p.data.to(torch.bfloat16)
+    plain, cast = plain_bf16_and_fsdp2_cast(real_ckpt, source, lora)
     rows, images, w = _prefix_rows(tok, cfg)
     got = _logp_and_grads(plain, policy.completion_logprobs, rows, images, w)
     want = _logp_and_grads(cast, policy.completion_logprobs, rows, images, w)
